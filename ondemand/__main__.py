@@ -1,0 +1,3 @@
+from ondemand.cli import main
+
+raise SystemExit(main())
