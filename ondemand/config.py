@@ -74,6 +74,7 @@ class ServerConfig:
     max_upload_mb: float = _setting(50.0, positive)
     allow_insecure_bind: bool = False
     stop_timeout_s: float = _setting(60.0, positive)
+    max_wait_s: float = _setting(60.0, non_negative)  # cap for ?wait= long-polls and /recognize
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class WorkerConfig:
     batch_audio_s: float = _setting(0.0, non_negative)  # padded-audio budget; 0 = per-device default
     max_load_failures: int = _setting(3, positive)
     load_backoff_s: float = _setting(30.0, non_negative)
+    command: str = ""  # empty: `<this python> -m ondemand.worker`; else a shell-style command line
+    release_timeout_s: float = _setting(5.0, non_negative)  # wait for GPU memory after exit
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class QueueConfig:
     max_pending: int = _setting(1000, positive)
     max_attempts: int = _setting(3, positive)
     retain_results_h: float = _setting(24.0, non_negative)
+    purge_interval_s: float = _setting(600.0, positive)
 
 
 @dataclass(frozen=True)
