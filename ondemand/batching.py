@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-SAMPLE_RATE = 16000
-
 # Padded-audio budget per batch, in seconds, chosen from measurements (docs/benchmarks.md):
 # on CPU padded batches do not pay (compute-bound, padding is waste), so only very short clips
 # are grouped; on a GPU batching is where throughput comes from.

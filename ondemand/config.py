@@ -125,6 +125,22 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """Idle-cost accounting (ondemand/ledger.py, cost.py, sampler.py; docs/cost.md)."""
+
+    # Price of one GPU-hour, charged for every second a worker process of ours exists (its CUDA
+    # context pins the GPU).  The default 1.0 makes every dollar figure read as GPU-hours.
+    gpu_hour_usd: float = _setting(1.0, non_negative)
+    energy_kwh_usd: float = _setting(0.0, non_negative)  # 0 = not set: no energy cost
+    # Value you put on one cold start's wait (added to its GPU cost in the recommendation).
+    cold_start_penalty_usd: float = _setting(0.0, non_negative)
+    probe: str = _setting("auto", one_of("auto", "nvml", "psutil"))  # auto: NVML, else psutil
+    sample_interval_s: float = _setting(5.0, positive)  # while a worker process is alive
+    baseline_interval_s: float = _setting(300.0, non_negative)  # none alive; 0 = once per exit
+    retain_days: float = _setting(400.0, non_negative)  # ledger rows kept; 0 = forever
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,6 +148,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     def auth_token(self) -> str:
         return self.server.token or os.environ.get("ONDEMAND_TOKEN", "")

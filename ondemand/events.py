@@ -14,9 +14,10 @@ clock (time.time()) and `mono` is time.monotonic(), both taken when the event wa
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import monotonic
+from time import time as wall_time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class Event:
-    time: float = field(default_factory=time.time)
-    mono: float = field(default_factory=time.monotonic)
+    time: float = field(default_factory=wall_time)
+    mono: float = field(default_factory=monotonic)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,4 +106,5 @@ class EventBus:
                 try:
                     callback(event)
                 except Exception:
-                    log.exception("event subscriber %r failed on %s", callback, type(event).__name__)
+                    log.exception("event subscriber %r failed on %s", callback,
+                                  type(event).__name__)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -69,14 +68,11 @@ def corrupt_hint(path: Path) -> str:
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load the checkpoint's tensors (mmap, weights only) and return the stripped state dict."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as e:
-        if "mmap" in str(e) and zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path.name}: cannot be memory-mapped: {e}") from e
-        if isinstance(e, OSError) and not isinstance(e, zipfile.BadZipFile):
-            if not path.exists() or "Permission" in str(e):
-                raise CheckpointError(f"cannot read {path.name}: {e.strerror or e}") from e
-        raise CheckpointError(corrupt_hint(path)) from e
+        # mmap needs the zip format (every torch.save since 1.6); older files load in full.
+        mmap = zipfile.is_zipfile(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (FileNotFoundError, PermissionError) as e:
+        raise CheckpointError(f"cannot read {path.name}: {e.strerror}") from e
     except Exception as e:  # torch raises assorted errors on damaged archives
         raise CheckpointError(corrupt_hint(path)) from e
     return strip(unwrap(obj, path))

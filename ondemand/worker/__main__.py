@@ -1,0 +1,5 @@
+import sys
+
+from ondemand.worker.main import main
+
+sys.exit(main())
