@@ -42,17 +42,21 @@ def fresh_load(model: Path, clip: Path, dtype: str, runs: int) -> dict[str, Any]
         spawn = time.time()
         out = subprocess.run(
             [sys.executable, "-c", CHILD, str(model), str(clip), dtype],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({
-            "interpreter_s": r["start"] - spawn,
-            "imports_s": r["imports"],
-            "weights_read_s": r["timings"]["parse_s"] + r["timings"]["weights_s"],
-            "module_build_s": r["timings"]["build_s"],
-            "first_inference_s": r["first_inference"],
-            "total_s": r["end"] - spawn,
-        })
+        rows.append(
+            {
+                "interpreter_s": r["start"] - spawn,
+                "imports_s": r["imports"],
+                "weights_read_s": r["timings"]["parse_s"] + r["timings"]["weights_s"],
+                "module_build_s": r["timings"]["build_s"],
+                "first_inference_s": r["first_inference"],
+                "total_s": r["end"] - spawn,
+            }
+        )
     return {k: round(statistics.median(row[k] for row in rows), 3) for k in rows[0]}
 
 
@@ -71,15 +75,16 @@ def throughput(model: Path, clips_dir: Path, dtypes: list[str]) -> dict[str, Any
         eng = Engine.load(model, device="cpu", dtype=dtype)
         eng.warm_up()
         row: dict[str, Any] = {}
-        for label, budget in (("one_at_a_time", 0.0), ("batched_20s", 20.0),
-                              ("batched_60s", 60.0)):
+        for label, budget in (("one_at_a_time", 0.0), ("batched_20s", 20.0), ("batched_60s", 60.0)):
             t0 = time.perf_counter()
             preds = eng.infer(clips, batch_audio_s=budget)
             row[label] = round(audio_s / (time.perf_counter() - t0), 2)
         scores = np.array([p.scores for p in preds])
         if reference is None:
             reference = scores
-        row["top_label_agreement"] = f"{int((scores.argmax(1) == reference.argmax(1)).sum())}/{len(clips)}"
+        row["top_label_agreement"] = (
+            f"{int((scores.argmax(1) == reference.argmax(1)).sum())}/{len(clips)}"
+        )
         row["max_abs_dprob"] = float(np.abs(scores - reference).max())
         results[dtype] = row
         eng.unload()

@@ -135,8 +135,9 @@ def _resample(mono: np.ndarray, rate: int) -> np.ndarray:
 
 
 def _empty() -> AudioError:
-    return AudioError(f"the audio is empty (no samples); send a non-empty {ACCEPTED} file.",
-                      code="empty")
+    return AudioError(
+        f"the audio is empty (no samples); send a non-empty {ACCEPTED} file.", code="empty"
+    )
 
 
 def _undecodable(reason: str) -> AudioError:
@@ -163,10 +164,12 @@ def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
         with open(path, "rb") as fh:
             arr = np.load(fh, allow_pickle=False)
     except (ValueError, EOFError) as e:
-        raise AudioError("the spooled audio file is corrupt (not a .npy array)",
-                         code="undecodable") from e
+        raise AudioError(
+            "the spooled audio file is corrupt (not a .npy array)", code="undecodable"
+        ) from e
     if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 1:
         got = f"{arr.ndim}-D {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise AudioError(f"the spooled audio must be a 1-D float32 array, got {got}",
-                         code="undecodable")
+        raise AudioError(
+            f"the spooled audio must be a 1-D float32 array, got {got}", code="undecodable"
+        )
     return arr

@@ -104,7 +104,9 @@ class WorkerConfig:
     unload_after_s: float = _setting(300.0, sentinel_seconds)
     exit_after_s: float = _setting(900.0, sentinel_seconds)
     stop_timeout_s: float = _setting(10.0, positive)
-    batch_audio_s: float = _setting(0.0, non_negative)  # padded-audio budget; 0 = per-device default
+    batch_audio_s: float = _setting(
+        0.0, non_negative
+    )  # padded-audio budget; 0 = per-device default
     max_load_failures: int = _setting(3, positive)
     load_backoff_s: float = _setting(30.0, non_negative)
     command: str = ""  # empty: `<this python> -m ondemand.worker`; else a shell-style command line

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from ondemand import batching
+from ondemand.audio import SAMPLE_RATE
 from ondemand.config import QueueConfig, WorkerConfig
 from ondemand.events import EventBus, JobFinished
 from ondemand.store import DONE, FAILED, Job, Store
@@ -144,8 +145,8 @@ class Dispatcher:
         budget = self.worker_cfg.batch_audio_s or batching.default_budget_s(
             self.sup.device.split(":")[0]
         )
-        lengths = [round(j.duration_s * batching.SAMPLE_RATE) for j in same]
-        for planned in batching.plan_batches(lengths, int(budget * batching.SAMPLE_RATE)):
+        lengths = [round(j.duration_s * SAMPLE_RATE) for j in same]
+        for planned in batching.plan_batches(lengths, int(budget * SAMPLE_RATE)):
             if 0 in planned:  # the oldest job's batch
                 return [same[i] for i in sorted(planned)]
         return [first]
@@ -169,7 +170,7 @@ class Dispatcher:
             self._running = []
 
     async def _infer(self, lease: Lease, batch: list[Job], cold_s: float) -> None:
-        request = {
+        request: dict[str, Any] = {
             "batch": f"b{next(self._batch_ids)}",
             "granularity": batch[0].granularity,
             "items": [

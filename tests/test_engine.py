@@ -161,10 +161,10 @@ def test_missing_directory_and_checkpoint(tmp_path: Path) -> None:
 def test_tokens_must_match_classifier(tmp_path: Path) -> None:
     d = _copy_model(tmp_path)
     (d / "tokens.txt").write_text("a\nb\n", encoding="utf-8")
-    with pytest.raises(CheckpointError, match="tokens.txt has 2 labels but the classifier has 9"):
+    with pytest.raises(CheckpointError, match=r"tokens\.txt has 2 labels but the classifier has 9"):
         Engine.load(d, device="cpu")
     (d / "tokens.txt").unlink()
-    with pytest.raises(CheckpointError, match="tokens.txt is missing"):
+    with pytest.raises(CheckpointError, match=r"tokens\.txt is missing"):
         Engine.load(d, device="cpu")
 
 

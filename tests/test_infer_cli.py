@@ -21,7 +21,10 @@ from tests import golden
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ondemand", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -30,8 +33,18 @@ def test_infer_prints_one_line_per_file_and_flags_bad_ones(tmp_path: Path) -> No
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     files = [str(golden.AUDIO / n) for n in golden.clip_names()]
     emb = tmp_path / "emb"
-    proc = run_cli("infer", "--model", str(golden.MODEL), "--device", "cpu",
-                   "--embeddings-dir", str(emb), files[0], str(bad), *files[1:])
+    proc = run_cli(
+        "infer",
+        "--model",
+        str(golden.MODEL),
+        "--device",
+        "cpu",
+        "--embeddings-dir",
+        str(emb),
+        files[0],
+        str(bad),
+        *files[1:],
+    )
     assert proc.returncode == 1, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(lines) == len(files) + 1
@@ -45,14 +58,24 @@ def test_infer_prints_one_line_per_file_and_flags_bad_ones(tmp_path: Path) -> No
         np.testing.assert_allclose(line["scores"], want["scores"], atol=1e-5, rtol=0)
         assert line["top"]["label"] == want["top"]
         saved = np.load(emb / f"{line['key']}.npy")
-        np.testing.assert_allclose(saved, golden.expected_feats(line["key"], "utterance"), atol=1e-4)
+        np.testing.assert_allclose(
+            saved, golden.expected_feats(line["key"], "utterance"), atol=1e-4
+        )
 
 
 def test_infer_frame_granularity_embeddings(tmp_path: Path) -> None:
     name = golden.clip_names()[0]
     key = golden.expected()["clips"][name]["key"]
-    proc = run_cli("infer", "--model", str(golden.MODEL), "--granularity", "frame",
-                   "--embeddings-dir", str(tmp_path), str(golden.AUDIO / name))
+    proc = run_cli(
+        "infer",
+        "--model",
+        str(golden.MODEL),
+        "--granularity",
+        "frame",
+        "--embeddings-dir",
+        str(tmp_path),
+        str(golden.AUDIO / name),
+    )
     assert proc.returncode == 0, proc.stderr
     saved = np.load(tmp_path / f"{key}.npy")
     np.testing.assert_allclose(saved, golden.expected_feats(key, "frame"), atol=1e-4)
@@ -70,8 +93,9 @@ def test_infer_cuda_without_gpu_is_clear(tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    proc = run_cli("infer", "--model", str(golden.MODEL), "--device", "cuda",
-                   str(golden.AUDIO / "mid_16k.wav"))
+    proc = run_cli(
+        "infer", "--model", str(golden.MODEL), "--device", "cuda", str(golden.AUDIO / "mid_16k.wav")
+    )
     assert proc.returncode == 2 and "no usable CUDA GPU" in proc.stderr
 
 

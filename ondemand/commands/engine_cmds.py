@@ -16,7 +16,7 @@ from ondemand.errors import AudioError, OndemandError
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "infer",
         help="run emotion recognition on audio files (one JSON line per file)",
@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="float32 (exact), bfloat16, float16 (GPU), int8 (CPU) (default: config worker.dtype)",
     )
     p.add_argument("--batch-audio-s", type=float, help="padded-audio budget per batch, seconds")
-    p.add_argument("--config", type=Path, help="config file (default: ONDEMAND_CONFIG or ./config.toml)")
+    p.add_argument(
+        "--config", type=Path, help="config file (default: ONDEMAND_CONFIG or ./config.toml)"
+    )
     p.add_argument("--timings", action="store_true", help="print load/infer timings to stderr")
     p.set_defaults(func=cmd_infer)
 
@@ -69,11 +71,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
         try:
             decoded = decode(Path(name), max_seconds=cfg.audio.max_seconds)
         except AudioError as e:
-            failures[i] = {"key": key, "file": name, "error": {"code": e.code, "message": e.message}}
+            failures[i] = {
+                "key": key,
+                "file": name,
+                "error": {"code": e.code, "message": e.message},
+            }
             continue
         except OSError as e:
             failures[i] = {
-                "key": key, "file": name,
+                "key": key,
+                "file": name,
                 "error": {"code": "unreadable", "message": f"cannot read {name}: {e.strerror}"},
             }
             continue
@@ -91,8 +98,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         )
         engine = Engine.load(model_dir, device=device, dtype=args.dtype or cfg.worker.dtype)
         t_load = time.perf_counter()
-        budget = args.batch_audio_s if args.batch_audio_s is not None else (
-            cfg.worker.batch_audio_s or None
+        budget = (
+            args.batch_audio_s
+            if args.batch_audio_s is not None
+            else (cfg.worker.batch_audio_s or None)
         )
         preds = engine.infer(
             [c for _, c in clips],
@@ -115,8 +124,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
         out.write(json.dumps(results.get(i) or failures[i], ensure_ascii=False) + "\n")
     out.flush()
     for failure in failures.values():
-        log.error("infer failed file=%s code=%s: %s", failure["file"],
-                  failure["error"]["code"], failure["error"]["message"])
+        log.error(
+            "infer failed file=%s code=%s: %s",
+            failure["file"],
+            failure["error"]["code"],
+            failure["error"]["message"],
+        )
     if args.timings:
         timing = {
             "imports_s": round(t_imports - t_start, 4),

@@ -82,7 +82,7 @@ def unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
         for key in WRAPPERS:
             if isinstance(obj.get(key), dict):
-                return obj[key]  # type: ignore[no-any-return]
+                return obj[key]
         if any(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
     raise CheckpointError(
@@ -110,7 +110,9 @@ def _indices(state: dict[str, torch.Tensor], pattern: str) -> list[int]:
 
 def _require(state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state:
-        raise CheckpointError(f"checkpoint is missing tensor {key!r}; it is not an emotion2vec model")
+        raise CheckpointError(
+            f"checkpoint is missing tensor {key!r}; it is not an emotion2vec model"
+        )
     return state[key]
 
 
@@ -169,7 +171,7 @@ def _strides(conf: dict[str, Any], layers: int) -> tuple[int, ...]:
 def _eval_spec(node: ast.expr) -> list[tuple[int, int, int]]:
     """Evaluate `[(512, 10, 5)] + [(512, 3, 2)] * 4 + ...` without eval()."""
     if isinstance(node, ast.List):
-        return [tuple(ast.literal_eval(e)) for e in node.elts]  # type: ignore[misc]
+        return [tuple(ast.literal_eval(e)) for e in node.elts]
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _eval_spec(node.left) + _eval_spec(node.right)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):

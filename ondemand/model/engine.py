@@ -158,8 +158,16 @@ class Engine:
         timings = {"parse_s": t1 - t0, "weights_s": t2 - t1, "build_s": t3 - t2}
         log.info(
             "model loaded dir=%s device=%s dtype=%s dim=%d heads=%d blocks=%d+%d classes=%d "
-            "seconds=%.3f", model_dir.name, dev, dtype, arch.dim, arch.heads,
-            arch.prenet_blocks, arch.blocks, arch.classes, t3 - t0,
+            "seconds=%.3f",
+            model_dir.name,
+            dev,
+            dtype,
+            arch.dim,
+            arch.heads,
+            arch.prenet_blocks,
+            arch.blocks,
+            arch.classes,
+            t3 - t0,
         )
         return cls(net, labels, dev, dtype, timings)
 
@@ -201,7 +209,9 @@ class Engine:
                 out[i] = pred
         return [p for p in out if p is not None]
 
-    def forward(self, clips: Sequence[Clip], granularity: str, embeddings: bool) -> list[Prediction]:
+    def forward(
+        self, clips: Sequence[Clip], granularity: str, embeddings: bool
+    ) -> list[Prediction]:
         """One padded batch through the network.  Raises OutOfMemory if it does not fit."""
         if self.net is None:
             raise ModelError("the model is unloaded")
@@ -237,7 +247,9 @@ class Engine:
                 emb = pooled_np[row].copy()
             elif feats_np is not None:
                 emb = feats_np[row, : frames_l[row]].copy()
-            labels, scores, top = self._label_scores(probs_np[row] if probs_np is not None else None)
+            labels, scores, top = self._label_scores(
+                probs_np[row] if probs_np is not None else None
+            )
             preds.append(
                 Prediction(
                     key=clip.key,
@@ -296,4 +308,4 @@ def _quantize_int8(net: Emotion2vec) -> Emotion2vec:
         # torch.ao.quantization is deprecated in favour of torchao, which has no CPU dynamic-int8
         # path for this torch build; it still works and is measured in docs/benchmarks.md.
         warnings.simplefilter("ignore")
-        return quantize_dynamic(net, names, dtype=torch.qint8)  # type: ignore[no-any-return]
+        return quantize_dynamic(net, names, dtype=torch.qint8)

@@ -12,12 +12,27 @@ longest clip ever seen — FunASR #2695)."""
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ondemand.model.checkpoint import A, Arch
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
 
 class Block(nn.Module):
@@ -27,13 +42,9 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = nn.Module()
-        self.attn.qkv = nn.Linear(dim, 3 * dim)
-        self.attn.proj = nn.Linear(dim, dim)
+        self.attn = Attention(dim)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(dim, mlp_dim)
-        self.mlp.fc2 = nn.Linear(mlp_dim, dim)
+        self.mlp = Mlp(dim, mlp_dim)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -43,14 +54,29 @@ class Block(nn.Module):
         return self.norm2(x + self.mlp.fc2(F.gelu(self.mlp.fc1(x))))
 
 
+class ContextEncoder(nn.Module):
+    def __init__(self, arch: Arch) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(arch.dim, eps=arch.eps)
+        self.blocks = nn.ModuleList(
+            Block(arch.dim, arch.heads, arch.mlp_dim, arch.eps) for _ in range(arch.prenet_blocks)
+        )
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, conv_layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.conv_layers = nn.ModuleList(conv_layers)
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, arch: Arch) -> None:
         super().__init__()
         d, c_last = arch.dim, arch.conv[-1][0]
         self.extra_tokens = nn.Parameter(torch.empty(1, arch.extra_tokens, d))
         self.alibi_scale = nn.Parameter(torch.empty(1, 1, arch.heads, 1, 1))
-        self.local_encoder = nn.Module()
-        layers, c_in = [], 1
+        layers: list[nn.Module] = []
+        c_in = 1
         for channels, kernel, stride in arch.conv:
             # Named like the checkpoint: .0 conv (no bias), .2.1 LayerNorm over channels.
             norm = nn.Sequential(nn.Identity(), nn.LayerNorm(channels, eps=arch.eps))
@@ -62,7 +88,7 @@ class AudioEncoder(nn.Module):
                 )
             )
             c_in = channels
-        self.local_encoder.conv_layers = nn.ModuleList(layers)
+        self.local_encoder = LocalEncoder(layers)
         self.project_features = nn.Sequential(
             nn.Identity(), nn.LayerNorm(c_last, eps=arch.eps), nn.Linear(c_last, d)
         )
@@ -74,11 +100,7 @@ class AudioEncoder(nn.Module):
                 for _ in range(arch.pos_layers)
             ],
         )
-        self.context_encoder = nn.Module()
-        self.context_encoder.norm = nn.LayerNorm(d, eps=arch.eps)
-        self.context_encoder.blocks = nn.ModuleList(
-            Block(d, arch.heads, arch.mlp_dim, arch.eps) for _ in range(arch.prenet_blocks)
-        )
+        self.context_encoder = ContextEncoder(arch)
 
 
 class Emotion2vec(nn.Module):
@@ -117,22 +139,27 @@ class Emotion2vec(nn.Module):
             x = (x - mean) / torch.sqrt(var + 1e-5)
         x = (x * valid).to(dtype).unsqueeze(1)  # (B, 1, L)
 
-        for layer in enc.local_encoder.conv_layers:  # type: ignore[union-attr]
-            x = layer[0](x)
-            ln = layer[2][1]
-            x = F.layer_norm(x.transpose(1, 2).float(), ln.normalized_shape,
-                             ln.weight.float(), ln.bias.float(), ln.eps)
+        for layer in enc.local_encoder.conv_layers:
+            conv, ln = stem_layer(layer)
+            x = conv(x)
+            x = F.layer_norm(
+                x.transpose(1, 2).float(),
+                ln.normalized_shape,
+                ln.weight.float(),
+                ln.bias.float(),
+                ln.eps,
+            )
             x = F.gelu(x).to(dtype).transpose(1, 2)
         x = x.transpose(1, 2)  # (B, T, C)
         x = enc.project_features[2](enc.project_features[1](x))
 
         frames = self.frame_counts(lengths)
         t_max = x.shape[1]
-        pad = (torch.arange(t_max, device=x.device)[None, :] >= frames[:, None])  # (B, T)
+        pad = torch.arange(t_max, device=x.device)[None, :] >= frames[:, None]  # (B, T)
         keep = (~pad).unsqueeze(1).to(x.dtype)  # (B, 1, T)
         y = x.transpose(1, 2)
         for block in list(enc.relative_positional_encoder)[1:]:
-            conv = block[0]
+            conv = cast(nn.Conv1d, cast(nn.Sequential, block)[0])
             y = conv(y * keep)
             if conv.kernel_size[0] % 2 == 0:
                 y = y[:, :, :-1]
@@ -142,8 +169,8 @@ class Emotion2vec(nn.Module):
         b = x.shape[0]
         x = torch.cat([enc.extra_tokens.expand(b, -1, -1), x], dim=1)
         bias = self.attention_bias(pad, x.dtype)
-        x = enc.context_encoder.norm(x)  # type: ignore[operator]
-        for blk in enc.context_encoder.blocks:  # type: ignore[union-attr]
+        x = enc.context_encoder.norm(x)
+        for blk in enc.context_encoder.blocks:
             x = blk(x, bias)
         for blk in self.blocks:
             x = blk(x, bias)
@@ -167,9 +194,15 @@ class Emotion2vec(nn.Module):
 
     def pool(self, feats: Tensor, frames: Tensor) -> Tensor:
         """Mean over each clip's valid frames -> (B, D)."""
-        mask = (torch.arange(feats.shape[1], device=feats.device)[None, :] < frames[:, None])
+        mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < frames[:, None]
         m = mask.unsqueeze(-1).to(feats.dtype)
         return (feats * m).sum(1) / frames[:, None].to(feats.dtype)
+
+
+def stem_layer(layer: nn.Module) -> tuple[nn.Conv1d, nn.LayerNorm]:
+    """(conv, LayerNorm) of a conv-stem layer named like the checkpoint (.0 and .2.1)."""
+    seq = cast(nn.Sequential, layer)
+    return cast(nn.Conv1d, seq[0]), cast(nn.LayerNorm, cast(nn.Sequential, seq[2])[1])
 
 
 def alibi_slopes(heads: int) -> Tensor:

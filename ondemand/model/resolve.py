@@ -85,7 +85,9 @@ def _download(spec: str, revision: str, cache_dir: str | None) -> Path:
         raise ModelNotFoundError(
             "downloading models needs the modelscope package: pip install modelscope"
         ) from e
-    log.info("model %s revision=%s: downloading from ModelScope (about 2 GB for large)", spec, revision)
+    log.info(
+        "model %s revision=%s: downloading from ModelScope (about 2 GB for large)", spec, revision
+    )
     try:
         path = snapshot_download(spec, revision=revision, cache_dir=cache_dir)
     except Exception as e:
