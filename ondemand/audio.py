@@ -45,7 +45,10 @@ class Decoded:
 
 
 def decode(data: bytes | os.PathLike[str] | str, *, max_seconds: float) -> Decoded:
-    """Decode `data` (the file's bytes, or a path to it) or raise `AudioError(code=...)`."""
+    """Decode `data` (the file's bytes, or a path to it) or raise `AudioError(code=...)`.
+
+    A path that cannot be opened raises the plain `OSError`: that is the server's fault, not the
+    client's."""
     if isinstance(data, bytes | bytearray | memoryview):
         if len(data) == 0:
             raise _empty()
@@ -61,14 +64,14 @@ def _decode_file(fh: BinaryIO, max_seconds: float) -> Decoded:
         rate, channels, announced = int(f.samplerate), int(f.channels), int(f.frames)
         _check_length(announced, rate, max_seconds)
         mono = _read_mono(f)
-    if mono.size == 0:
-        raise _empty()
     if announced - mono.size > TRUNCATION_SLACK * announced:
         raise AudioError(
             f"the audio data ends early ({mono.size} of the {announced} frames its header "
             f"announces): the file is truncated or corrupt. Send the complete file ({ACCEPTED}).",
             code="undecodable",
         )
+    if mono.size == 0:
+        raise _empty()
     if not np.isfinite(mono).all():
         raise AudioError(
             "the audio contains NaN or infinite sample values; send finite samples "

@@ -15,6 +15,7 @@ from ondemand.errors import OndemandError
 # Command modules, in help order.  Add yours here.
 COMMAND_MODULES = [
     "ondemand.commands.engine_cmds",  # infer, make-test-model
+    "ondemand.commands.daemon_cmds",  # serve, submit, status, load, unload
 ]
 
 

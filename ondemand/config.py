@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ondemand.errors import ConfigError
+from ondemand.prewarm import PrewarmRule, build_rules
 
 Check = Callable[[Any], str | None]
 T = TypeVar("T")
@@ -41,6 +42,14 @@ def non_negative(v: float) -> str | None:
 def sentinel_seconds(v: float) -> str | None:
     """0 = at once, -1 = never, otherwise a positive number of seconds."""
     return None if v == -1 or v >= 0 else f"must be -1 (never) or >= 0, got {v}"
+
+
+def percent(v: float) -> str | None:
+    return None if 0 < v <= 100 else f"must be in (0, 100], got {v}"
+
+
+def at_least_one(v: float) -> str | None:
+    return None if v >= 1 else f"must be >= 1, got {v}"
 
 
 def port(v: int) -> str | None:
@@ -143,6 +152,18 @@ class CostConfig:
 
 
 @dataclass(frozen=True)
+class PrewarmLeadConfig:
+    """How early a `[[prewarm]]` fire starts loading so the model is ready *by* the fire time
+    (ondemand/prewarm.py, prewarm_scheduler.py; docs/prewarm.md).
+    lead = max(floor_s, factor x the `percentile` of the last `samples` load durations)."""
+
+    floor_s: float = _setting(60.0, non_negative)  # also the lead while no load was measured
+    samples: int = _setting(20, positive)  # recent loads (fresh and in-process) considered
+    percentile: float = _setting(95.0, percent)  # nearest rank: the max until 20 samples
+    factor: float = _setting(1.25, at_least_one)  # margin over the percentile
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,6 +172,9 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    # `[[prewarm]]` tables, in file order; key paths count from 1 (`prewarm[1].cron`).
+    prewarm: tuple[PrewarmRule, ...] = field(default=(), metadata={"build": build_rules})
+    prewarm_lead: PrewarmLeadConfig = field(default_factory=PrewarmLeadConfig)
 
     def auth_token(self) -> str:
         return self.server.token or os.environ.get("ONDEMAND_TOKEN", "")

@@ -20,13 +20,14 @@ every figure; the rules that matter for exactness:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ondemand.config import CostConfig
+from ondemand.config import CostConfig, WorkerConfig
 from ondemand.ledger import IdleCause, Interval, Phase, Trigger
 
 DAY_S = 86400.0
@@ -113,10 +114,14 @@ def summarize(
     rate = cfg.gpu_hour_usd / 3600.0
     mean_w = {p: energy_j[p] / power_s[p] for p in Phase if power_s[p] > 0}
     energy = _energy(seconds, energy_j, power_s, mean_w, covered_s)
-    with_energy = cfg.energy_kwh_usd > 0 and energy is not None and energy["always_on_j"] is not None
+    with_energy = (
+        cfg.energy_kwh_usd > 0 and energy is not None and energy["always_on_j"] is not None
+    )
     usd_per_j = cfg.energy_kwh_usd / J_PER_KWH if with_energy else 0.0
-    on_demand = held_s * rate + (energy["on_demand_j"] if energy and with_energy else 0.0) * usd_per_j
-    always_on = covered_s * rate + (energy["always_on_j"] if energy and with_energy else 0.0) * usd_per_j
+    on_demand_j = energy["on_demand_j"] if energy and with_energy else 0.0
+    always_on_j = energy["always_on_j"] if energy and with_energy else 0.0
+    on_demand = held_s * rate + on_demand_j * usd_per_j
+    always_on = covered_s * rate + always_on_j * usd_per_j
     idle_states = (Phase.READY_IDLE, Phase.UNLOADED_ALIVE)
     idle_usd = sum(seconds[p] * (rate + mean_w.get(p, 0.0) * usd_per_j) for p in idle_states)
     savings = always_on - on_demand
@@ -326,7 +331,9 @@ def recommend(
     gaps = demand_gaps(intervals)
     loads = [iv for iv in intervals if iv.state is Phase.LOADING and _succeeded(iv)]
     spawn_s = _mean([iv.end_or(now) - iv.start for iv in loads if _cold_start_kind(iv) == "spawn"])
-    reload_s = _mean([iv.end_or(now) - iv.start for iv in loads if _cold_start_kind(iv) == "reload"])
+    reload_s = _mean(
+        [iv.end_or(now) - iv.start for iv in loads if _cold_start_kind(iv) == "reload"]
+    )
     power: dict[Phase, float] = {}
     for phase in (Phase.READY_IDLE, Phase.UNLOADED_ALIVE, Phase.LOADING):
         ivs = [iv for iv in intervals if iv.state is phase and iv.power_s > 0]
@@ -432,3 +439,79 @@ def _why(u: float, e: float, p: Prices) -> str:
         " for the observed gaps"
     )
     return "; ".join(parts)
+
+
+# -- the document: GET /v1/cost and `ondemand cost` -----------------------------------------
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S, "w": 7 * DAY_S}
+
+
+def parse_when(text: str, now: float) -> float:
+    """`30d`, `24h`, `90m`, `3600s`, `2w` (that long before now), `now`, a Unix time, or an ISO
+    date/datetime (without a zone: UTC).  Raises ValueError with what is accepted."""
+    t = text.strip()
+    if t == "now":
+        return now
+    if t and t[-1] in _UNITS:
+        with contextlib.suppress(ValueError):
+            return now - float(t[:-1]) * _UNITS[t[-1]]
+    with contextlib.suppress(ValueError):
+        return float(t)
+    try:
+        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use a duration before now (30d, 24h, 90m), 'now',"
+            " a Unix time or an ISO date (2024-05-01, 2024-05-01T12:00Z)"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def default_periods(now: float) -> list[Period]:
+    return [Period(now - DAY_S, now, "last_24h"), Period(now - 30 * DAY_S, now, "last_30d")]
+
+
+def document(
+    read: Callable[[float, float], list[Interval]],
+    now: float,
+    cfg: CostConfig,
+    worker: WorkerConfig,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    probe: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole cost document: one report per period (default: last 24 h and last 30 days)
+    and the recommendation from the longest period's gaps."""
+    if since is None and until is None:
+        periods = default_periods(now)
+    else:
+        end = now if until is None else until
+        start = end - 30 * DAY_S if since is None else since
+        if start >= end:
+            raise ValueError(f"since ({iso(start)}) must be before until ({iso(end)})")
+        periods = [Period(start, end, "period")]
+    lo = min(p.since for p in periods)
+    hi = max(p.until for p in periods)
+    intervals = read(lo, hi)
+    return {
+        "generated_at": iso(now),
+        "probe": probe,
+        "settings": {
+            "gpu_hour_usd": cfg.gpu_hour_usd,
+            "energy_kwh_usd": cfg.energy_kwh_usd or None,
+            "cold_start_penalty_usd": cfg.cold_start_penalty_usd,
+            "unload_after_s": worker.unload_after_s,
+            "exit_after_s": worker.exit_after_s,
+        },
+        "periods": [report(intervals, p, now, cfg) for p in periods],
+        "recommendation": recommend(
+            intervals,
+            now,
+            cfg,
+            unload_after_s=worker.unload_after_s,
+            exit_after_s=worker.exit_after_s,
+        ),
+    }

@@ -122,6 +122,8 @@ class Dispatcher:
         try:
             async with self.sup.lease(f"job:{jobs[0].id}") as lease:
                 cold_s = time.monotonic() - t0
+                # Jobs that arrived during the cold start join the first batch.
+                jobs = await self.store.queued(SCAN_LIMIT)
                 while jobs and not self._stopping:
                     await self._run_batch(lease, self._form_batch(jobs), cold_s)
                     cold_s = 0.0
@@ -160,14 +162,14 @@ class Dispatcher:
         for j in batch:
             j.attempts += 1
             j.started = started
-        self._running = batch
+        self._running = batch  # left set when cancelled: close() requeues it
         try:
             await self._infer(lease, batch, cold_s)
         except WorkerCrashed as e:
+            self._running = []
             await self._crashed(batch, e)
             raise
-        finally:
-            self._running = []
+        self._running = []
 
     async def _infer(self, lease: Lease, batch: list[Job], cold_s: float) -> None:
         request: dict[str, Any] = {

@@ -81,6 +81,20 @@ class JobFinished(Event):
     attempts: int
 
 
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerActivity(Event):
+    """In-flight work or a hold changed without a state change: published when the in-flight
+    count goes 0 -> 1 or back to 0, and when a hold is set or cleared.  The cost ledger splits
+    `ready` into busy / idle-warm with it, and idle-warm into hold / idle-timeout tail.
+    `hold_s`: seconds the hold still lasts (0: none); `hold_trigger`: who set it
+    (`schedule:<name>`, `manual`)."""
+
+    inflight: int
+    hold_s: float
+    hold_trigger: str
+
+
 Callback = Callable[[Any], None]
 
 

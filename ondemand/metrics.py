@@ -158,6 +158,9 @@ class Metrics:
             self.jobs.labels(status=st)
         for p in Phase:
             self.energy.labels(phase=p.value)
+        # Expose exactly our names: no `*_created` series (the switch for them is process-wide
+        # in prometheus-client, so filter here instead of flipping it for everyone).
+        self._exposed = self.registry.restricted_registry(_sample_names(self.registry))
 
     # -- updates (event callbacks and sampler readings) --------------------------------------
     def set_state(self, state: str) -> None:
@@ -202,4 +205,11 @@ class Metrics:
             self.idle_cost.add_energy(r.phase, r.energy_j)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)  # type: ignore[arg-type]
+
+
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+
+
+def _sample_names(registry: CollectorRegistry) -> list[str]:
+    return [m.name + suffix for m in registry.collect() for suffix in _SUFFIXES[m.type]]

@@ -2,12 +2,12 @@
 and every `cost.baseline_interval_s` (0: once) when none is, so the report knows what the GPU
 draws with nothing of ours on it.
 
-Timer-based (`loop.call_later`), never a polling loop: `retarget()` — called by the accounting
-on every worker state change — takes one sample for the phase that is ending (so its energy is
-attributed to it), then re-arms the timer for the new phase.  Energy between two readings comes
-from the board's energy counter when NVML has one, else from the mean of the two power readings
-(trapezoid), and goes to the phase that was current during it.  Each reading goes to `sink`
-(ledger + metrics), on the event loop thread.
+Timer-based (`loop.call_later`), never a polling loop.  On every worker state change the
+accounting calls `flush()` (one reading for the phase that is ending, so its energy is attributed
+to it), records the new phase in the ledger, then `retarget()` re-arms the timer for the new one.
+Energy between two readings comes from the board's energy counter when NVML has one, else from
+the mean of the two power readings (trapezoid), and goes to the phase that was current during it.
+Each reading goes to `sink` (ledger + metrics), on the event loop thread.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ class Sampler:
     def phase(self) -> Phase:
         return self._phase
 
-    def start(self, phase: Phase = Phase.EXITED, pids: Sequence[int] = (), gpu: int | None = None) -> None:
+    def start(
+        self, phase: Phase = Phase.EXITED, pids: Sequence[int] = (), gpu: int | None = None
+    ) -> None:
         """Begin sampling (on the running loop), with a first reading now."""
         self._running = True
         self._phase, self._pids, self._gpu = phase, tuple(pids), gpu
@@ -83,17 +85,22 @@ class Sampler:
             self._timer.cancel()
             self._timer = None
 
+    def flush(self) -> None:
+        """Take a reading now, for the phase that is ending (so its energy is attributed to it).
+        Call before the ledger enters the next phase."""
+        if self._running:
+            self.sample_now()
+
     def retarget(self, phase: Phase, pids: Sequence[int], gpu: int | None) -> None:
-        """The worker entered `phase`: close the old phase with a reading, re-arm for the new."""
+        """The worker entered `phase`: re-arm the timer for it; after the last worker process
+        went away, take the baseline reading (what the GPU holds and draws without us)."""
         if (phase, tuple(pids), gpu) == (self._phase, self._pids, self._gpu):
             return
         was_alive = self._phase.alive
-        if self._running:
-            self.sample_now()
         self._phase, self._pids, self._gpu = phase, tuple(pids), gpu
         if self._running:
             if was_alive and not phase.alive:
-                self.sample_now()  # the baseline: what the GPU holds and draws without us
+                self.sample_now()
             self._arm()
 
     def _arm(self) -> None:

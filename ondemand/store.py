@@ -245,7 +245,25 @@ class Store:
         n = await self._call(recover)
         if n:
             log.info("store recovered %d interrupted job(s) -> queued", n)
+        await self._sweep_spool()
         return n
+
+    async def _sweep_spool(self) -> None:
+        """Remove spool files no pending job owns (a crash between spooling and commit)."""
+
+        def pending_ids(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute("SELECT id FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING))
+            return {r["id"] for r in rows}
+
+        keep = await self._call(pending_ids)
+        swept = 0
+        for path in self.spool_dir.iterdir():
+            if path.name.endswith(".tmp") or path.name.removesuffix(".npy") not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    swept += 1
+        if swept:
+            log.info("store removed %d orphaned spool file(s)", swept)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -299,12 +317,16 @@ class Store:
             raise JobNotFound(f"no job {job_id!r} (unknown, deleted or purged)")
         return _row_to_job(row)
 
-    async def pending_count(self) -> int:
-        def count(conn: sqlite3.Connection) -> int:
-            (n,) = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, RUNNING)
-            ).fetchone()
-            return int(n)
+    async def counts(self) -> dict[str, int]:
+        """How many jobs are queued and running."""
+
+        def count(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT status, COUNT(*) AS n FROM jobs WHERE status IN (?, ?) GROUP BY status",
+                (QUEUED, RUNNING),
+            ).fetchall()
+            found = {r["status"]: int(r["n"]) for r in rows}
+            return {QUEUED: found.get(QUEUED, 0), RUNNING: found.get(RUNNING, 0)}
 
         return await self._call(count)
 

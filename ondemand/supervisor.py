@@ -39,7 +39,7 @@ from typing import Any
 
 from ondemand.config import ModelConfig, WorkerConfig
 from ondemand.errors import OndemandError
-from ondemand.events import EventBus, ModelLoaded, StateChanged, WorkerExited
+from ondemand.events import EventBus, ModelLoaded, StateChanged, WorkerActivity, WorkerExited
 from ondemand.gpu import GpuProbe, gpu_index
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,15 @@ class Supervisor:
     def _grant(self, msg: _Acquire) -> None:
         self._inflight += 1
         self._cancel_timer("idle")
+        if self._inflight == 1:
+            self._activity()
         msg.fut.set_result(None)
+
+    def _activity(self) -> None:
+        """Tell the cost ledger that in-flight work or a hold changed (ready busy vs idle)."""
+        hold = max(0.0, self._hold_until - self._clock())
+        self.bus.publish(WorkerActivity(inflight=self._inflight, hold_s=hold,
+                                        hold_trigger=self._hold_trigger if hold else ""))
 
     def _refuse(self, msg: _Acquire | _Load) -> bool:
         """Fail the request at once when the worker is backing off or shutting down."""
@@ -465,6 +473,7 @@ class Supervisor:
         assert self._inflight >= 0, "lease released twice"
         if self._inflight == 0:
             self._last_used = self._clock()
+            self._activity()
             if self._pending_unload is not None:
                 pending, self._pending_unload = self._pending_unload, None
                 await self._on_unload(pending)
@@ -477,6 +486,7 @@ class Supervisor:
             if until > self._hold_until:
                 self._hold_until, self._hold_trigger = until, msg.trigger
             log.info("worker hold %.0fs trigger=%s", msg.hold_s, msg.trigger)
+            self._activity()
         self._pending_unload = None
         if self.state is S.READY:
             self._last_used = self._clock()
@@ -494,7 +504,10 @@ class Supervisor:
             self._waiters.append(msg)  # load again once the process settles
 
     async def _on_unload(self, msg: _Unload) -> None:
+        had_hold = bool(self._hold_trigger)
         self._hold_until, self._hold_trigger = 0.0, ""
+        if had_hold:
+            self._activity()
         if self._inflight > 0:
             self._pending_unload = msg  # never under a running batch
             log.info("worker unload requested trigger=%s: after %d in-flight", msg.trigger,

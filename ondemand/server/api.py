@@ -1,0 +1,318 @@
+"""HTTP API v1 handlers.  Errors are raised as OndemandError and rendered by http_errors.
+
+Submission path (the only hot path): read the upload under `server.max_upload_mb`, decode and
+validate it in a thread (so bad input never reaches the queue, let alone the GPU), spool the
+16 kHz float32 samples with fsync, commit the row (group-committed), and only then answer 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import PurePath
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from ondemand.audio import decode
+from ondemand.config import Config
+from ondemand.dispatcher import Dispatcher
+from ondemand.errors import AudioError
+from ondemand.events import EventBus, JobFinished
+from ondemand.server.http_errors import BadRequest
+from ondemand.store import (
+    FINAL,
+    QUEUED,
+    Job,
+    JobConflict,
+    JobNotFound,
+    Store,
+    fsync_write_npy,
+)
+from ondemand.supervisor import Supervisor
+
+CHUNK = 1 << 16
+MAX_FIELD_BYTES = 4096
+MAX_KEY_CHARS = 200
+GRANULARITIES = ("utterance", "frame")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+CONFIG = web.AppKey("config", Config)
+BUS = web.AppKey("bus", EventBus)
+STORE = web.AppKey("store", Store)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+
+
+class JobWatch:
+    """Wakes long-polls when a job reaches a final state (fed by JobFinished events)."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self._events: dict[str, set[asyncio.Event]] = {}
+        bus.subscribe(self._on_finished, JobFinished)
+
+    def _on_finished(self, event: JobFinished) -> None:
+        for ev in self._events.get(event.job, ()):
+            ev.set()
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        ev = asyncio.Event()
+        self._events.setdefault(job_id, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            waiting = self._events.get(job_id)
+            if waiting is not None:
+                waiting.discard(ev)
+                if not waiting:
+                    del self._events[job_id]
+
+
+WATCH = web.AppKey("watch", JobWatch)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _flag(value: str, name: str) -> bool:
+    v = value.strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise BadRequest(f"{name} must be true or false, got {value!r}")
+
+
+def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{name} must be a number, got {value!r}") from None
+    if not n >= minimum or n == float("inf"):
+        raise BadRequest(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return n
+
+
+def _too_large(limit_mb: float) -> AudioError:
+    return AudioError(
+        f"the upload is larger than the limit of {limit_mb:g} MB (server.max_upload_mb); "
+        "send a shorter or compressed clip", code="too_large")
+
+
+async def _read_limited(
+    read: Callable[[int], Awaitable[bytes]], limit: int, limit_mb: float
+) -> bytes:
+    buf = bytearray()
+    while True:
+        chunk = await read(CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise _too_large(limit_mb)
+
+
+async def read_upload(request: web.Request, limit_mb: float) -> tuple[bytes, str, dict[str, str]]:
+    """(audio bytes, client file name, form fields) from a multipart or raw audio/* body."""
+    limit = int(limit_mb * 1024 * 1024)
+    if request.content_length is not None and request.content_length > limit + 64 * 1024:
+        raise _too_large(limit_mb)
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        reader = await request.multipart()
+        audio: bytes | None = None
+        filename = ""
+        fields: dict[str, str] = {}
+        async for part in reader:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                continue
+            if part.name == "audio":
+                audio = await _read_limited(part.read_chunk, limit, limit_mb)
+                filename = part.filename or ""
+            else:
+                raw = await _read_limited(part.read_chunk, MAX_FIELD_BYTES, limit_mb)
+                fields[part.name] = raw.decode("utf-8", "replace")
+        if audio is None:
+            raise BadRequest("the multipart form has no `audio` file field")
+        return audio, filename, fields
+    if ctype.startswith("audio/") or ctype == "application/octet-stream":
+        return await _read_limited(request.content.read, limit, limit_mb), "", {}
+    raise AudioError(
+        f"unsupported content type {ctype or '(none)'!r}: send the audio as a multipart field "
+        "`audio` or as a raw body with an audio/* content type", code="unsupported_media_type")
+
+
+def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, str]:
+    opts = {**request.query, **fields}
+    granularity = opts.get("granularity", "utterance")
+    if granularity not in GRANULARITIES:
+        raise BadRequest(f"granularity must be utterance or frame, got {granularity!r}")
+    embedding = _flag(opts.get("embedding", "false"), "embedding")
+    key = opts.get("key", "")
+    if len(key) > MAX_KEY_CHARS:
+        raise BadRequest(f"key must be at most {MAX_KEY_CHARS} characters")
+    return granularity, embedding, key
+
+
+async def submit(request: web.Request) -> tuple[Job, int]:
+    """Validate, spool and durably queue one job; returns it and its queue position."""
+    app = request.app
+    cfg, store = app[CONFIG], app[STORE]
+    data, filename, fields = await read_upload(request, cfg.server.max_upload_mb)
+    granularity, embedding, key = _options(request, fields)
+    loop = asyncio.get_running_loop()
+    decoded = await loop.run_in_executor(
+        None, functools.partial(decode, data, max_seconds=cfg.audio.max_seconds))
+    if decoded.duration_s < cfg.audio.min_seconds:
+        raise AudioError(
+            f"the audio is too short: {decoded.duration_s * 1000:.1f} ms; the minimum is "
+            f"{cfg.audio.min_seconds * 1000:g} ms (audio.min_seconds)", code="too_short")
+    job_id = secrets.token_urlsafe(16)
+    job = Job(id=job_id, status=QUEUED, key=key or PurePath(filename).stem or job_id,
+              granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
+              created=time.time())
+    path = store.audio_path(job_id)
+    await loop.run_in_executor(None, fsync_write_npy, path, decoded.samples)
+    try:
+        position = await store.add(job)
+    except BaseException:
+        store.remove_audio(job_id)
+        raise
+    app[DISPATCHER].wake()
+    return job, position
+
+
+async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
+    store = request.app[STORE]
+    with request.app[WATCH].watch(job_id) as finished:
+        job = await store.get(job_id)
+        if job.status in FINAL or wait_s <= 0:
+            return job
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), wait_s)
+    return await store.get(job_id)
+
+
+def _wait_param(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    return min(_number(raw, "wait"), request.app[CONFIG].server.max_wait_s)
+
+
+# -- handlers --------------------------------------------------------------------------------
+async def post_job(request: web.Request) -> web.Response:
+    job, position = await submit(request)
+    body = {"id": job.id, "status": job.status, "position": position,
+            "worker": request.app[SUPERVISOR].state.value,
+            "eta_s": request.app[DISPATCHER].eta_s(position)}
+    return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = await _wait_final(request, request.match_info["id"], _wait_param(request))
+    return web.json_response(job.to_json())
+
+
+async def get_embedding(request: web.Request) -> web.StreamResponse:
+    store = request.app[STORE]
+    job = await store.get(request.match_info["id"])
+    if job.status != "done":
+        raise JobConflict(f"job {job.id} is {job.status}; its embedding exists once it is done")
+    path = store.embedding_path(job.id)
+    if not job.embedding or not path.is_file():
+        raise JobNotFound(f"job {job.id} has no embedding; submit with embedding=true")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    outcome = await request.app[STORE].cancel_or_delete(job_id)
+    if outcome == "cancelled":
+        request.app[BUS].publish(JobFinished(job=job_id, status="cancelled", queue_s=None,
+                                             compute_s=None, attempts=0))
+        return web.json_response({"id": job_id, "status": "cancelled"})
+    return web.json_response({"id": job_id, "deleted": True})
+
+
+async def recognize(request: web.Request) -> web.Response:
+    job, position = await submit(request)
+    job = await _wait_final(request, job.id, request.app[CONFIG].server.max_wait_s)
+    if job.status in FINAL:
+        return web.json_response(job.to_json())
+    body = job.to_json()
+    body["position"] = position
+    return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def status(request: web.Request) -> web.Response:
+    app = request.app
+    cfg = app[CONFIG]
+    counts = await app[STORE].counts()
+    return web.json_response({
+        "worker": app[SUPERVISOR].status(),
+        "queue": {**counts, "max_pending": cfg.queue.max_pending},
+        "idle": {"unload_after_s": cfg.worker.unload_after_s,
+                 "exit_after_s": cfg.worker.exit_after_s},
+    })
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+async def worker_load(request: web.Request) -> web.Response:
+    body = {**request.query, **await _json_body(request)}
+    hold_s = _number(body.get("hold_s", 0), "hold_s")
+    wait = body.get("wait", True)
+    wait = _flag(wait, "wait") if isinstance(wait, str) else bool(wait)
+    sup = request.app[SUPERVISOR]
+    await sup.load("manual", hold_s=hold_s, wait=wait)
+    return web.json_response(sup.status(), status=200 if wait else 202)
+
+
+async def worker_unload(request: web.Request) -> web.Response:
+    body = {**request.query, **await _json_body(request)}
+    exit_ = body.get("exit", False)
+    exit_ = _flag(exit_, "exit") if isinstance(exit_, str) else bool(exit_)
+    sup = request.app[SUPERVISOR]
+    sup.unload("manual", exit=exit_)
+    return web.json_response(sup.status(), status=202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    counts = await app[STORE].counts()
+    pending = counts[QUEUED] + counts["running"]
+    if pending >= app[CONFIG].queue.max_pending:
+        return web.json_response({"ready": False, "reason": "queue full"}, status=503,
+                                 headers={"Retry-After": "5"})
+    return web.json_response({"ready": True, "worker": app[SUPERVISOR].state.value})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/jobs", post_job)
+    app.router.add_get("/v1/jobs/{id}", get_job)
+    app.router.add_get("/v1/jobs/{id}/embedding.npy", get_embedding)
+    app.router.add_delete("/v1/jobs/{id}", delete_job)
+    app.router.add_post("/v1/recognize", recognize)
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/worker/load", worker_load)
+    app.router.add_post("/v1/worker/unload", worker_unload)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

@@ -1,0 +1,124 @@
+"""A fake GPU worker for lifecycle tests: the real protocol loop (ondemand.worker.main.serve)
+with a backend that needs no torch and misbehaves on request.
+
+Run as `python tests/fake_worker.py`.  Knobs (environment variables):
+
+  FAKE_LOAD_S=0.05        seconds a load takes
+  FAKE_INFER_S=0          seconds each batch takes
+  FAKE_FAIL_LOAD=1        every load answers load_failed (code model)
+  FAKE_EXIT_IN_LOAD=3     the process exits with this code during load
+  FAKE_HANG_LOAD=1        load never returns (load timeout)
+  FAKE_CRASH_ONCE=PATH    the first batch (while PATH does not exist) kills the process; creates PATH
+  FAKE_CRASH_KEY=TEXT     any batch holding a clip whose key contains TEXT kills the process
+  FAKE_HANG_BATCH=1       batches never return
+  FAKE_IGNORE_SIGTERM=1   SIGTERM is ignored (stop must escalate to SIGKILL)
+  FAKE_OOM_ABOVE=N        batches of more than N clips raise OutOfMemory
+  FAKE_LOG=PATH           append one JSON line per op: {"pid", "op", "n", "keys"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ondemand.errors import ModelError, OutOfMemory
+from ondemand.worker.main import serve
+
+LABELS = ["angry", "happy", "neutral", "sad"]
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def _log(op: str, **extra: Any) -> None:
+    path = _env("FAKE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "op": op, **extra}) + "\n")
+
+
+@dataclass
+class FakePrediction:
+    key: str
+    samples: int
+    granularity: str
+    embedding: np.ndarray | None = field(default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        # Deterministic "scores" from the clip length so tests can check the mapping job->result.
+        raw = np.array([1.0 + (self.samples % (7 + i)) for i in range(len(LABELS))])
+        scores = (raw / raw.sum()).tolist()
+        top = int(np.argmax(scores))
+        return {"key": self.key, "labels": LABELS, "scores": scores,
+                "top": {"label": LABELS[top], "score": scores[top]},
+                "frames": max(1, (self.samples - 400) // 320 + 1),
+                "duration_s": round(self.samples / 16000, 6)}
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.loaded = False
+
+    def load(self, msg: dict[str, Any]) -> dict[str, Any]:
+        _log("load")
+        if _env("FAKE_EXIT_IN_LOAD"):
+            os._exit(int(_env("FAKE_EXIT_IN_LOAD")))
+        if _env("FAKE_HANG_LOAD"):
+            while True:
+                time.sleep(3600)
+        time.sleep(float(_env("FAKE_LOAD_S", "0.05")))
+        if _env("FAKE_FAIL_LOAD"):
+            raise ModelError("fake model is broken (FAKE_FAIL_LOAD)")
+        self.loaded = True
+        return {"device": "cpu", "dtype": "float32",
+                "timings": {"import_s": 0.0, "weights_s": 0.01, "warmup_s": 0.01}}
+
+    def infer(
+        self,
+        clips: Sequence[tuple[str, np.ndarray]],
+        *,
+        granularity: str,
+        embeddings: bool,
+        batch_audio_s: float | None,
+    ) -> list[FakePrediction]:
+        keys = [k for k, _ in clips]
+        _log("infer", n=len(clips), keys=keys)
+        once = _env("FAKE_CRASH_ONCE")
+        if once and not Path(once).exists():
+            Path(once).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        crash_key = _env("FAKE_CRASH_KEY")
+        if crash_key and any(crash_key in k for k in keys):
+            os._exit(11)
+        if _env("FAKE_HANG_BATCH"):
+            while True:
+                time.sleep(3600)
+        limit = _env("FAKE_OOM_ABOVE")
+        if limit and len(clips) > int(limit):
+            raise OutOfMemory(f"fake OOM: {len(clips)} clips > {limit}")
+        time.sleep(float(_env("FAKE_INFER_S", "0")))
+        out = []
+        for key, samples in clips:
+            emb = np.full(4, float(len(samples)), dtype=np.float32) if embeddings else None
+            out.append(FakePrediction(key, len(samples), granularity, emb))
+        return out
+
+    def unload(self) -> None:
+        _log("unload")
+        self.loaded = False
+
+
+if __name__ == "__main__":
+    if _env("FAKE_IGNORE_SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(serve(FakeBackend()))
