@@ -40,6 +40,7 @@ LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
 JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 JOB_STATUSES = ("done", "failed", "cancelled")
+EXIT_KINDS = ("load_failed", "load_timeout", "crashed", "killed", "stop_escalated")  # events.py
 IDLE_PHASES = (Phase.READY_IDLE, Phase.UNLOADED_ALIVE)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -156,6 +157,8 @@ class Metrics:
             self.cold_starts.labels(trigger=t.value)
         for st in JOB_STATUSES:
             self.jobs.labels(status=st)
+        for kind in EXIT_KINDS:
+            self.restarts.labels(reason=kind)
         for p in Phase:
             self.energy.labels(phase=p.value)
         # Expose exactly our names: no `*_created` series (the switch for them is process-wide
@@ -205,7 +208,7 @@ class Metrics:
             self.idle_cost.add_energy(r.phase, r.energy_j)
 
     def exposition(self) -> bytes:
-        return generate_latest(self._exposed)  # type: ignore[arg-type]
+        return generate_latest(self._exposed)
 
 
 _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}

@@ -8,7 +8,7 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_FAIL_LOAD=1        every load answers load_failed (code model)
   FAKE_EXIT_IN_LOAD=3     the process exits with this code during load
   FAKE_HANG_LOAD=1        load never returns (load timeout)
-  FAKE_CRASH_ONCE=PATH    the first batch (while PATH does not exist) kills the process; creates PATH
+  FAKE_CRASH_ONCE=PATH    the first batch while PATH does not exist creates it and dies (SIGKILL)
   FAKE_CRASH_KEY=TEXT     any batch holding a clip whose key contains TEXT kills the process
   FAKE_HANG_BATCH=1       batches never return
   FAKE_IGNORE_SIGTERM=1   SIGTERM is ignored (stop must escalate to SIGKILL)

@@ -226,3 +226,22 @@ def test_unload_frees_the_model(clips: list[Clip]) -> None:
     eng.unload()
     with pytest.raises(ModelError, match="unloaded"):
         eng.infer(clips[:1])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base", "plus_base", "plus_large"])
+def test_make_test_model_load_infer_round_trip(tmp_path: Path, preset: str) -> None:
+    """Every preset's official layout loads through the real loader and runs."""
+    from ondemand.model.testmodel import PRESETS, make_test_model
+
+    d = make_test_model(tmp_path / preset, preset=preset, seed=1)
+    eng = Engine.load(d, device="cpu")
+    p = PRESETS[preset]
+    assert eng.dim == p.dim
+    samples = (0.1 * np.random.default_rng(0).standard_normal(16_000)).astype(np.float32)
+    pred = eng.infer([Clip("one", samples)], embeddings=True)[0]
+    assert pred.embedding is not None and pred.embedding.shape == (p.dim,)
+    assert np.isfinite(pred.embedding).all()
+    if p.head:
+        assert len(pred.scores) == 9 and abs(sum(pred.scores) - 1) < 1e-5
+    else:
+        assert pred.scores == [] and pred.top is None

@@ -29,8 +29,8 @@ from ondemand.config import Config
 from ondemand.dispatcher import Dispatcher
 from ondemand.errors import ConfigError
 from ondemand.events import EventBus
-from ondemand.gpu import GpuProbe, open_probe
-from ondemand.server import api
+from ondemand.gpu import GpuProbe
+from ondemand.server import api, cost_api
 from ondemand.server.http_errors import Handler, Unauthorized, error_middleware, response_for
 from ondemand.store import Store
 from ondemand.supervisor import Spawn, Supervisor
@@ -95,14 +95,12 @@ def build_app(
         await store.close()
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
-        probe = gpu if gpu is not None else open_probe("auto")
+        probe = app[cost_api.GPU]  # opened (and closed) by cost_api's context, shared
         sup = Supervisor(cfg.worker, cfg.model, bus, spawn=spawn, gpu=probe)
         sup.start()
         app[api.SUPERVISOR] = sup
         yield
         await sup.close()
-        if gpu is None:
-            probe.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         disp = Dispatcher(app[api.STORE], app[api.SUPERVISOR], bus, cfg.queue, cfg.worker,
@@ -121,6 +119,7 @@ def build_app(
 
     app.cleanup_ctx.extend([store_ctx, supervisor_ctx, dispatcher_ctx, purge_ctx])
     api.add_routes(app)
+    cost_api.setup(app, cfg, gpu=gpu)  # ledger + sampler + metrics: first up, last down
     return app
 
 

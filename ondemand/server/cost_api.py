@@ -1,0 +1,117 @@
+"""Cost accounting in the daemon: its cleanup context, `GET /v1/cost` and `GET /metrics`.
+
+`setup(app, cfg, gpu=...)` (called by `build_app`) puts the accounting context FIRST in
+`cleanup_ctx`: it opens the GPU probe (shared with the supervisor through `app[GPU]`) and the
+ledger before the supervisor starts, and closes them after the supervisor has stopped the worker,
+so the shutdown's stopping -> cold transitions are still recorded.
+
+Neither handler touches the supervisor: a scrape or a cost report is never activity (no lease,
+no idle-timer reset), like the health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ondemand import cost
+from ondemand.accounting import Accounting
+from ondemand.config import Config
+from ondemand.gpu import GpuProbe, open_probe
+from ondemand.ledger import Ledger, connect, read_intervals
+from ondemand.metrics import CONTENT_TYPE
+from ondemand.server import api
+from ondemand.server.http_errors import BadRequest
+from ondemand.store import QUEUED
+
+GPU: web.AppKey[Any] = web.AppKey("gpu_probe")
+ACCOUNTING = web.AppKey("accounting", Accounting)
+
+
+def setup(app: web.Application, cfg: Config, *, gpu: GpuProbe | None = None) -> None:
+    async def cost_ctx(app: web.Application) -> AsyncIterator[None]:
+        probe = gpu if gpu is not None else open_probe(cfg.cost.probe)
+        app[GPU] = probe
+        ledger = Ledger.in_dir(Path(cfg.storage.dir))
+        acc = Accounting(cfg.cost, cfg.worker, ledger, probe)
+        acc.start(app[api.BUS])
+        app[ACCOUNTING] = acc
+        try:
+            yield
+        finally:
+            acc.close()
+            ledger.close_db()
+            if gpu is None:
+                probe.close()
+
+    app.cleanup_ctx.insert(0, cost_ctx)  # up before the supervisor, down after it
+    app.router.add_get("/v1/cost", get_cost)
+    app.router.add_get("/metrics", get_metrics)
+
+
+def cost_document(
+    ledger_path: Path,
+    cfg: Config,
+    *,
+    since: float | None,
+    until: float | None,
+    probe: dict[str, Any] | None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The cost document from the ledger file, on its own read-only connection (safe in a
+    thread, beside the daemon's writer: SQLite WAL)."""
+    conn = connect(ledger_path, readonly=True)
+    try:
+        return cost.document(
+            lambda lo, hi: read_intervals(conn, lo, hi),
+            time.time() if now is None else now,
+            cfg.cost,
+            cfg.worker,
+            since=since,
+            until=until,
+            probe=probe,
+        )
+    finally:
+        conn.close()
+
+
+def _when(request: web.Request, key: str, now: float) -> float | None:
+    raw = request.query.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return cost.parse_when(raw, now)
+    except ValueError as e:
+        raise BadRequest(f"{key}: {e}") from e
+
+
+async def get_cost(request: web.Request) -> web.Response:
+    """`GET /v1/cost[?since=30d][&until=...]`: the last 24 h and 30 days by default."""
+    acc = request.app[ACCOUNTING]
+    now = time.time()
+    since, until = _when(request, "since", now), _when(request, "until", now)
+    try:
+        doc = await asyncio.to_thread(
+            cost_document,
+            acc.ledger.path,
+            request.app[api.CONFIG],
+            since=since,
+            until=until,
+            probe=acc.probe_info(),
+            now=now,
+        )
+    except ValueError as e:
+        raise BadRequest(str(e)) from e
+    return web.json_response(doc)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus text format from the daemon's own registry."""
+    acc = request.app[ACCOUNTING]
+    acc.metrics.jobs_queued.set((await request.app[api.STORE].counts()).get(QUEUED, 0))
+    return web.Response(body=acc.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
