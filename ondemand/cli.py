@@ -16,6 +16,8 @@ from ondemand.errors import OndemandError
 COMMAND_MODULES = [
     "ondemand.commands.engine_cmds",  # infer, make-test-model
     "ondemand.commands.daemon_cmds",  # serve, submit, status, load, unload
+    "ondemand.commands.cost_cmd",  # cost
+    "ondemand.commands.prewarm_cmd",  # prewarm
 ]
 
 

@@ -211,9 +211,17 @@ def report(
 ) -> dict[str, Any]:
     """`summarize` for the period, plus one compact row per UTC day."""
     body = summarize(intervals, period.since, period.until, now, cfg)
+    ordered = sorted(intervals, key=lambda i: (i.start, i.id))
+    starts = [iv.start for iv in ordered]
+    reach: list[float] = []  # reach[i]: the latest end among ordered[0..i] (monotone)
+    for iv in ordered:
+        reach.append(max(reach[-1] if reach else -math.inf, iv.end_or(now)))
     rows = []
     for s, e in days(period.since, period.until):
-        day = summarize(intervals, s, e, now, cfg)
+        # Only the intervals that can overlap the day: O(log n) to find them, not O(n).
+        lo = bisect.bisect_right(reach, s)
+        hi = bisect.bisect_left(starts, e)
+        day = summarize(ordered[lo:hi], s, e, now, cfg)
         rows.append(
             {
                 "day": iso(s)[:10],
@@ -405,6 +413,11 @@ def recommend(
     out["always_warm"] = _policy(cost_warm)
     out["saving_vs_current_usd"] = cost_cur[0] - cost_best[0]
     out["why"] = _why(best[2], best[3], prices)
+    if pen == 0:
+        out["why"] += (
+            "; cold starts are priced at their GPU seconds only: set cost.cold_start_penalty_usd"
+            " to put a value on your users' wait"
+        )
     return out
 
 

@@ -16,8 +16,8 @@ Failure handling, job-aware:
   without counting the attempt.
 
 Timings per job: `queue_s` from acceptance to its batch being sent (cold start included),
-`cold_start_s` the part of it spent waiting for the model to load, `compute_s` the batch's round
-trip in the worker.
+`cold_start_s` the part of it spent waiting for the model to load, `compute_s` the seconds the
+worker spent on the job's batch (reading audio, inference, writing embeddings).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Dispatcher:
             request["batch_audio_s"] = self.worker_cfg.batch_audio_s
         t0 = time.monotonic()
         try:
-            results = await lease.infer(request)
+            answer = await lease.infer(request)
         except BatchFailed as e:
             if len(batch) > 1:
                 half = len(batch) // 2
@@ -201,7 +201,9 @@ class Dispatcher:
             await self._finish(batch[0], FAILED, error={"code": e.code, "message": e.message},
                                timings=self._timings(batch[0], cold_s, None))
             return
-        compute_s = time.monotonic() - t0
+        results: list[dict[str, Any]] = list(answer.get("results") or [])
+        seconds = answer.get("seconds")
+        compute_s = float(seconds) if seconds is not None else time.monotonic() - t0
         per_job = compute_s / len(batch)
         self.job_compute_s = (
             per_job if self.job_compute_s is None

@@ -31,7 +31,7 @@ from prometheus_client import (
     Histogram,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from ondemand.ledger import Phase, Trigger
 from ondemand.sampler import Reading
@@ -42,7 +42,8 @@ JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 JOB_STATUSES = ("done", "failed", "cancelled")
 EXIT_KINDS = ("load_failed", "load_timeout", "crashed", "killed", "stop_escalated")  # events.py
 IDLE_PHASES = (Phase.READY_IDLE, Phase.UNLOADED_ALIVE)
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format every Prometheus reads (our names need none of 1.0.0's quoting).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _IdleCost:

@@ -141,6 +141,10 @@ class PrewarmScheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
+    def now(self) -> datetime:
+        """The scheduler's wall clock (injected)."""
+        return self._clock()
+
     def record_load(self, seconds: float) -> None:
         """A load finished (any trigger): it may move the lead, so re-plan."""
         self.history.record(seconds)

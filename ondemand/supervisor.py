@@ -157,12 +157,13 @@ class _Load:
 class _Unload:
     trigger: str
     exit: bool
+    fut: asyncio.Future[None] | None = None  # resolved once the request is taken in
 
 
 @dataclass
 class _Infer:
     request: dict[str, Any]
-    fut: asyncio.Future[list[dict[str, Any]]]
+    fut: asyncio.Future[dict[str, Any]]
 
 
 @dataclass
@@ -206,10 +207,11 @@ class Lease:
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
 
-    async def infer(self, request: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send an `infer` op (see docs/design.md) and return its `results`.
-        Raises WorkerCrashed when the worker dies under it, BatchFailed on `batch_failed`."""
-        fut: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+    async def infer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send an `infer` op (see docs/design.md) and return the worker's `result` event
+        (`results`, `seconds`).  Raises WorkerCrashed when the worker dies under it,
+        BatchFailed on `batch_failed`."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._sup._post(_Infer(request, fut))
         return await fut
 
@@ -240,7 +242,7 @@ class Supervisor:
         self._reason = ""
         self._inflight = 0
         self._waiters: list[_Acquire | _Load] = []
-        self._batches: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+        self._batches: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._last_used = clock()
         self._hold_until = 0.0
         self._hold_trigger = ""
@@ -258,6 +260,8 @@ class Supervisor:
         self.device = worker.device
         self.dtype = worker.dtype
         self.last_load_s: float | None = None
+        self.last_load: dict[str, Any] | None = None  # breakdown of the last load
+        self._hello_s = 0.0
         self.loads = 0
         self.spawns = 0
 
@@ -298,10 +302,12 @@ class Supervisor:
         if fut is not None:
             await fut
 
-    def unload(self, trigger: str = "manual", *, exit: bool = False) -> None:
+    async def unload(self, trigger: str = "manual", *, exit: bool = False) -> None:
         """Drop the model once in-flight work is done (`exit`: end the process too).
-        Clears holds."""
-        self._post(_Unload(trigger, exit))
+        Clears holds.  Returns once the request is taken in, not when the unload is done."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._post(_Unload(trigger, exit, fut))
+        await fut
 
     def status(self) -> dict[str, Any]:
         now = self._clock()
@@ -323,12 +329,15 @@ class Supervisor:
             "trigger": self._trigger or None,
             "in_flight": self._inflight,
             "last_load_s": self.last_load_s,
+            "last_load": self.last_load,
             "loads": self.loads,
             "spawns": self.spawns,
             "unload_in_s": unload_in,
             "exit_in_s": exit_in,
             "hold_s": max(0.0, self._hold_until - now) if self._hold_until > now else None,
-            "hold_trigger": self._hold_trigger or None if self._hold_until > now else None,
+            "hold_trigger": (self._hold_trigger or None) if self._hold_until > now else None,
+            # why a ready worker stays loaded: in_flight, hold (see hold_trigger) or idle_timeout
+            "warm_because": self._warm_because(now),
             "load_failures": self._failures,
             "last_error": self._last_error,
             "backoff_s": (
@@ -336,6 +345,13 @@ class Supervisor:
             ),
             "gpu_memory_mb": gpu_mb,
         }
+
+    def _warm_because(self, now: float) -> str | None:
+        if self.state is not S.READY:
+            return None
+        if self._inflight:
+            return "in_flight"
+        return "hold" if self._hold_until > now else "idle_timeout"
 
     def retry_after_s(self) -> float:
         return max(1.0, self._backoff_until - self._clock()) if self.state is S.BACKOFF else 1.0
@@ -504,6 +520,13 @@ class Supervisor:
             self._waiters.append(msg)  # load again once the process settles
 
     async def _on_unload(self, msg: _Unload) -> None:
+        try:
+            await self._unload(msg)
+        finally:
+            if msg.fut is not None and not msg.fut.done():
+                msg.fut.set_result(None)
+
+    async def _unload(self, msg: _Unload) -> None:
         had_hold = bool(self._hold_trigger)
         self._hold_until, self._hold_trigger = 0.0, ""
         if had_hold:
@@ -536,6 +559,7 @@ class Supervisor:
             return
         event = msg.msg.get("event")
         if event == "hello" and self.state is S.STARTING:
+            self._hello_s = self._clock() - self._load_started
             self._set_state(S.LOADING, "spawned")
             await self._send_load(proc)
         elif event == "loaded" and self.state is S.LOADING:
@@ -555,7 +579,7 @@ class Supervisor:
             if fut is None or fut.done():
                 return
             if event == "result":
-                fut.set_result(list(msg.msg.get("results", [])))
+                fut.set_result(msg.msg)
             else:
                 fut.set_exception(BatchFailed(str(msg.msg.get("message", "")),
                                               code=str(msg.msg.get("code", "batch_failed"))))
@@ -566,6 +590,10 @@ class Supervisor:
         self._cancel_timer("load_deadline")
         seconds = self._clock() - self._load_started
         self.last_load_s = seconds
+        self.last_load = {"seconds": round(seconds, 6), "fresh_process": self._load_fresh,
+                          "trigger": self._trigger,
+                          "interpreter_s": round(self._hello_s, 6) if self._load_fresh else 0.0,
+                          "worker_s": m.get("seconds"), **dict(m.get("timings") or {})}
         self.loads += 1
         self._failures = 0
         self._last_error = None

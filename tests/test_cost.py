@@ -11,9 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ondemand import config as config_mod
 from ondemand import cost
 from ondemand.accounting import Accounting
 from ondemand.config import CostConfig, WorkerConfig
+from ondemand.errors import ConfigError
 from ondemand.events import EventBus, ModelLoaded, StateChanged, WorkerActivity
 from ondemand.gpu import GpuSample
 from ondemand.ledger import IdleCause, Interval, Ledger, Phase, Trigger
@@ -447,3 +449,16 @@ def test_accounting_maps_supervisor_events(tmp_path: Path) -> None:
         assert "ondemand_idle_cost_dollars_total 0.462" in text
 
     asyncio.run(main())
+
+
+def test_cost_config_key_path_errors() -> None:
+    cfg = config_mod.build(config_mod.Config, {"cost": {"gpu_hour_usd": 2, "probe": "psutil"}})
+    assert cfg.cost.gpu_hour_usd == 2.0 and cfg.cost.probe == "psutil"
+    with pytest.raises(ConfigError, match=r"^cost.gpu_hour_usd: must be >= 0, got -1"):
+        config_mod.build(config_mod.Config, {"cost": {"gpu_hour_usd": -1}})
+    with pytest.raises(ConfigError, match=r"^cost.probe: must be one of auto, nvml, psutil"):
+        config_mod.build(config_mod.Config, {"cost": {"probe": "nvidia-smi"}})
+    with pytest.raises(ConfigError, match=r"^cost.sample_interval_s: must be > 0"):
+        config_mod.build(config_mod.Config, {"cost": {"sample_interval_s": 0}})
+    with pytest.raises(ConfigError, match=r"^cost.price: unknown key"):
+        config_mod.build(config_mod.Config, {"cost": {"price": 1}})

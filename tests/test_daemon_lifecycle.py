@@ -160,7 +160,7 @@ def test_never_unloads_under_a_running_batch(tmp_path: Path) -> None:
         async with Daemon(cfg, env=fake_env(infer_s="0.6")) as d:
             job = await d.submit(wav_bytes(0.5))
             await wait_for(lambda: d.sup.status()["in_flight"] == 1, 10, "batch running")
-            d.sup.unload("test")  # manual unload while busy: deferred
+            await d.sup.unload("test")  # manual unload while busy: deferred
             await asyncio.sleep(0.2)
             assert d.sup.state is WorkerState.READY
             assert (await d.final(job["id"]))["status"] == "done"

@@ -33,7 +33,7 @@ from ondemand.store import (
     Store,
     fsync_write_npy,
 )
-from ondemand.supervisor import Supervisor
+from ondemand.supervisor import Supervisor, WorkerUnavailable
 
 CHUNK = 1 << 16
 MAX_FIELD_BYTES = 4096
@@ -46,6 +46,10 @@ BUS = web.AppKey("bus", EventBus)
 STORE = web.AppKey("store", Store)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+# Set when SIGTERM starts the drain (app.drain): new work is refused with 503 shutting_down,
+# long-polls return at once, /readyz turns 503; queued jobs stay for the next start.
+DRAINING = web.AppKey("draining", asyncio.Event)
+DRAIN_RETRY_AFTER_S = 10.0
 
 
 class JobWatch:
@@ -145,6 +149,13 @@ async def read_upload(request: web.Request, limit_mb: float) -> tuple[bytes, str
         "`audio` or as a raw body with an audio/* content type", code="unsupported_media_type")
 
 
+def refuse_if_draining(app: web.Application) -> None:
+    if app[DRAINING].is_set():
+        raise WorkerUnavailable(
+            "the daemon is shutting down; retry in a few seconds (queued jobs are kept)",
+            code="shutting_down", retry_after_s=DRAIN_RETRY_AFTER_S)
+
+
 def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, str]:
     opts = {**request.query, **fields}
     granularity = opts.get("granularity", "utterance")
@@ -161,6 +172,7 @@ async def submit(request: web.Request) -> tuple[Job, int]:
     """Validate, spool and durably queue one job; returns it and its queue position."""
     app = request.app
     cfg, store = app[CONFIG], app[STORE]
+    refuse_if_draining(app)
     data, filename, fields = await read_upload(request, cfg.server.max_upload_mb)
     granularity, embedding, key = _options(request, fields)
     loop = asyncio.get_running_loop()
@@ -191,8 +203,14 @@ async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
         job = await store.get(job_id)
         if job.status in FINAL or wait_s <= 0:
             return job
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), wait_s)
+        draining = asyncio.ensure_future(request.app[DRAINING].wait())
+        finish = asyncio.ensure_future(finished.wait())
+        try:  # a drain must not wait for long-polls: the job's state so far is the answer
+            await asyncio.wait((finish, draining), timeout=wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+            finish.cancel()
     return await store.get(job_id)
 
 
@@ -273,6 +291,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 async def worker_load(request: web.Request) -> web.Response:
+    refuse_if_draining(request.app)
     body = {**request.query, **await _json_body(request)}
     hold_s = _number(body.get("hold_s", 0), "hold_s")
     wait = body.get("wait", True)
@@ -287,7 +306,7 @@ async def worker_unload(request: web.Request) -> web.Response:
     exit_ = body.get("exit", False)
     exit_ = _flag(exit_, "exit") if isinstance(exit_, str) else bool(exit_)
     sup = request.app[SUPERVISOR]
-    sup.unload("manual", exit=exit_)
+    await sup.unload("manual", exit=exit_)
     return web.json_response(sup.status(), status=202)
 
 
@@ -297,6 +316,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
+    if app[DRAINING].is_set():
+        return web.json_response({"ready": False, "reason": "shutting down"}, status=503,
+                                 headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
     counts = await app[STORE].counts()
     pending = counts[QUEUED] + counts["running"]
     if pending >= app[CONFIG].queue.max_pending:

@@ -30,14 +30,16 @@ from ondemand.dispatcher import Dispatcher
 from ondemand.errors import ConfigError
 from ondemand.events import EventBus
 from ondemand.gpu import GpuProbe
-from ondemand.server import api, cost_api
+from ondemand.server import api, cost_api, prewarm_api
 from ondemand.server.http_errors import Handler, Unauthorized, error_middleware, response_for
 from ondemand.store import Store
 from ondemand.supervisor import Spawn, Supervisor
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/healthz", "/readyz")
+# Everything else needs the bearer token when one is set (issue 6: "every endpoint except
+# /healthz"); /readyz reports queue and worker state, so it is behind the token too.
+OPEN_PATHS = ("/healthz",)
 
 
 def check_bind(cfg: Config) -> None:
@@ -86,6 +88,7 @@ def build_app(
     bus = EventBus()
     app[api.BUS] = bus
     app[api.WATCH] = api.JobWatch(bus)
+    app[api.DRAINING] = asyncio.Event()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = Store(Path(cfg.storage.dir), max_pending=cfg.queue.max_pending)
@@ -120,6 +123,7 @@ def build_app(
     app.cleanup_ctx.extend([store_ctx, supervisor_ctx, dispatcher_ctx, purge_ctx])
     api.add_routes(app)
     cost_api.setup(app, cfg, gpu=gpu)  # ledger + sampler + metrics: first up, last down
+    prewarm_api.setup(app, cfg)  # scheduled holds: last up, first down
     return app
 
 
@@ -133,12 +137,28 @@ async def _purge_loop(store: Store, cfg: Config) -> None:
         await asyncio.sleep(cfg.queue.purge_interval_s)
 
 
+async def drain(app: web.Application) -> None:
+    """First step of a graceful stop, while the socket still answers: refuse new work with 503
+    shutting_down (and wake long-polls), let the running batch finish within
+    server.stop_timeout_s (else requeue it), start no new batch.  Queued jobs stay in the store
+    for the next start.  The runner's cleanup then unloads and stops the worker."""
+    app[api.DRAINING].set()
+    await app[api.DISPATCHER].close()
+
+
 async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly)."""
+    """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly).
+    Under systemd (Type=notify) it sends READY=1 once listening, STATUS= lines, watchdog pings
+    and STOPPING=1 (ondemand/server/service.py)."""
     import signal
+
+    from ondemand.sdnotify import Notifier
+    from ondemand.server.service import ServiceNotifier
 
     check_bind(cfg)
     app = build_app(cfg)
+    notifier = Notifier()
+    service: ServiceNotifier | None = None
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
@@ -153,9 +173,19 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
             host, port = addr[:2]
             log.info("ondemand serving on http://%s:%d (storage %s)", host, port,
                      Path(cfg.storage.dir).resolve())
+        service = ServiceNotifier(app, notifier)
+        await service.tick()  # STATUS before READY, so `systemctl status` never shows nothing
+        notifier.ready()
+        service.start()
         if ready is not None:
             ready.set()
         await stop.wait()
-        log.info("ondemand shutting down")
+        log.info("ondemand shutting down: draining (server.stop_timeout_s=%g)",
+                 cfg.server.stop_timeout_s)
+        notifier.stopping("stopping: running batch finishing, queued jobs kept")
+        await drain(app)
     finally:
+        if service is not None:
+            await service.close()
         await runner.cleanup()
+        notifier.close()

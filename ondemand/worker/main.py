@@ -131,6 +131,7 @@ class Worker:
         self.send({"event": "unloaded"})
 
     def infer(self, msg: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
         batch = msg.get("batch")
         if not self.loaded:
             self.send({"event": "batch_failed", "batch": batch, "code": "not_loaded",
@@ -176,7 +177,8 @@ class Worker:
                 if item.get("embedding") and pred.embedding is not None:
                     _save_npy(Path(item["embedding"]), pred.embedding)
                 results.append({"job": item["job"], "result": pred.to_json()})
-        self.send({"event": "result", "batch": batch, "results": results})
+        self.send({"event": "result", "batch": batch, "results": results,
+                   "seconds": round(time.perf_counter() - t0, 6)})
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -1,0 +1,105 @@
+"""Running under systemd (Type=notify): STATUS= lines and watchdog pings for the daemon.
+
+`ServiceNotifier(app, notifier)` is started by `serve()` once the socket listens (after READY=1).
+One task owns it: it wakes on every worker state change and job completion (bus events), and at
+least every half watchdog interval, and then
+
+- sends `STATUS=worker ready, 3 queued, 1 running` when the text changed
+  (`systemctl status ondemand` shows it; backoff shows the load error);
+- sends `WATCHDOG=1` only when the daemon can still do its job: the event loop runs (this task
+  ran), the store's database thread answered within the interval, and the supervisor and
+  dispatcher owner tasks are alive.  A dispatcher that died of an exception would otherwise leave a
+  daemon that accepts jobs forever and runs none; without the ping systemd restarts it
+  (WatchdogSec=, Restart=on-failure) and the queued jobs run after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+
+from ondemand.events import JobFinished, StateChanged
+from ondemand.sdnotify import Notifier
+from ondemand.server import api
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 10.0  # STATUS refresh (queue depth) when no watchdog asks for a shorter period
+OWNER_TASKS = ("supervisor", "dispatcher")  # task names given by Supervisor/Dispatcher.start()
+
+
+def status_text(worker: dict[str, object], counts: dict[str, int], *, draining: bool) -> str:
+    """`worker ready, 3 queued, 1 running` (+ the reason when backing off or draining)."""
+    state = worker.get("state", "?")
+    text = f"worker {state}, {counts.get('queued', 0)} queued, {counts.get('running', 0)} running"
+    err = worker.get("last_error")
+    if state == "backoff" and isinstance(err, dict):
+        text += f"; load failed ({err.get('code')}): {err.get('message')}"
+    if draining:
+        text = "stopping: running batch finishing, queued jobs kept; " + text
+    return text[:400]
+
+
+class ServiceNotifier:
+    def __init__(self, app: web.Application, notifier: Notifier) -> None:
+        self.app = app
+        self.notifier = notifier
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe = app[api.BUS].subscribe(lambda _e: self._wake.set(),
+                                                   StateChanged, JobFinished)
+        wd = notifier.watchdog_s
+        self.period_s = min(REFRESH_S, wd / 2) if wd else REFRESH_S
+        self.last_status = ""
+
+    def start(self) -> None:
+        if self.notifier.enabled:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sd-notify")
+
+    def poke(self) -> None:
+        """Refresh STATUS now (e.g. when the drain starts)."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.period_s)
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # never let notification kill the daemon; no ping this round
+                log.exception("sd_notify tick failed")
+
+    async def tick(self) -> bool:
+        """Send STATUS (if changed) and a watchdog ping (if healthy).  True when healthy."""
+        app = self.app
+        try:
+            counts = await asyncio.wait_for(app[api.STORE].counts(), self.period_s)
+        except TimeoutError:
+            log.warning("watchdog: the job store did not answer within %.1fs; no ping",
+                        self.period_s)
+            return False
+        text = status_text(app[api.SUPERVISOR].status(), counts,
+                           draining=app[api.DRAINING].is_set())
+        if text != self.last_status:
+            self.notifier.status(text)
+            self.last_status = text
+        alive = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+        missing = [n for n in OWNER_TASKS if n not in alive]
+        if missing and not app[api.DRAINING].is_set():
+            log.error("watchdog: owner task(s) %s ended; no ping (systemd will restart us)",
+                      ",".join(missing))
+            return False
+        if self.notifier.watchdog_s:
+            self.notifier.watchdog()
+        return True
