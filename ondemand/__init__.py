@@ -1,3 +1,3 @@
-"""ondemand: a scale-to-zero, on-demand inference daemon for emotion2vec+ speech emotion recognition."""
+"""ondemand: a scale-to-zero, on-demand emotion2vec+ speech emotion recognition daemon."""
 
 __version__ = "0.1.0"

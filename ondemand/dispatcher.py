@@ -81,8 +81,9 @@ class Dispatcher:
             return
         self._stopping = True
         self._wake.set()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._task), self.stop_timeout_s)
+        if self._running:  # only a running batch is worth waiting for, not a pending load
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), self.stop_timeout_s)
         if not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

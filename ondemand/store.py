@@ -134,11 +134,16 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 def fsync_write_npy(path: Path, array: np.ndarray) -> None:
     """Write `array` to `path` atomically and durably (tmp file, fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full mid-write: leave no half file behind (issue 6)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class _DbThread(threading.Thread):
@@ -193,6 +198,12 @@ class _DbThread(threading.Thread):
         conn: sqlite3.Connection,
         group: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
     ) -> None:
+        # Skip ops whose caller gave up (asyncio wrapper cancelled) before they ran; once RUNNING
+        # a future cannot be cancelled, so set_result below cannot raise InvalidStateError (it
+        # did, and killed this thread and with it the whole store: issue 6 tests).
+        group = [(fn, fut) for fn, fut in group if fut.set_running_or_notify_cancel()]
+        if not group:
+            return
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")

@@ -858,7 +858,9 @@ class Supervisor:
         self._shutdown = msg
         self._fail_waiters(WorkerUnavailable("the daemon is shutting down"))
         if self._proc is not None:
-            await self._stop(force=False, reason="shutdown", trigger="shutdown")
+            # A load in progress is not worth waiting for: SIGTERM it along with the request.
+            await self._stop(force=self.state in (S.STARTING, S.LOADING), reason="shutdown",
+                             trigger="shutdown")
         elif self.state is S.BACKOFF:
             self._cancel_timer("backoff_end")
 

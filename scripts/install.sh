@@ -82,12 +82,18 @@ done
 
 # 2. code and venv -----------------------------------------------------------------------------
 changed=0
-hash_tree() {                            # content hash of the installable source tree
-  (cd "$1" && find . \( -name .git -o -name .venv -o -name var -o -name __pycache__ \
-     -o -name '*.egg-info' -o -name '.*_cache' -o -name .hypothesis \) -prune -o -type f -print0 \
-     | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+source_files() {                         # NUL-separated: what gets installed (not .gitignored)
+  (
+    cd "$src"
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+      git ls-files -z --cached --others --exclude-standard
+    else
+      find . \( -name .git -o -name '.venv*' -o -name var -o -name __pycache__ \
+        -o -name '*.egg-info' -o -name '.*_cache' -o -name .hypothesis \) -prune -o -type f -print0
+    fi | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done | LC_ALL=C sort -z
+  )
 }
-new_hash=$(hash_tree "$src")
+new_hash=$(cd "$src" && source_files | xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1)
 old_hash=$(cat "$opt/.source-sha256" 2>/dev/null || true)
 if [ "$new_hash" = "$old_hash" ]; then
   say "code in $opt/src is up to date"
@@ -96,9 +102,7 @@ else
   run mkdir -p "$opt/src"
   echo "+ copy $src -> $opt/src"
   if [ "$dry_run" = 0 ]; then
-    tar -C "$src" --exclude=./.git --exclude=./.venv --exclude=./var --exclude=__pycache__ \
-      --exclude='*.egg-info' --exclude='.*_cache' --exclude=.hypothesis -cf - . \
-      | tar -C "$opt/src" -xf -
+    source_files | tar -C "$src" --null -T - -cf - | tar -C "$opt/src" -xf -
     echo "$new_hash" > "$opt/.source-sha256"
   fi
 fi

@@ -188,3 +188,24 @@ def test_cancel_queued_job(tmp_path: Path) -> None:
             assert (await d.job(second["id"]))["status"] == "cancelled"
 
     run(main())
+
+
+def test_finished_jobs_are_purged_with_their_files(tmp_path: Path) -> None:
+    async def main() -> None:
+        cfg = daemon_config(tmp_path, queue={"retain_results_h": 0.0003, "purge_interval_s": 0.2})
+        async with Daemon(cfg) as d:
+            assert d.http is not None
+            job = await d.submit(wav_bytes(0.5), embedding="true")
+            await d.final(job["id"])
+
+            async def gone() -> bool:
+                async with d.http.get(f"/v1/jobs/{job['id']}") as r:  # type: ignore[union-attr]
+                    return r.status == 404
+
+            from tests.conftest import wait_for
+
+            await wait_for(gone, 5, "purge")
+            assert not list((tmp_path / "results").iterdir())
+            assert not list((tmp_path / "spool").iterdir())
+
+    run(main())

@@ -185,3 +185,18 @@ def test_hold_suspends_the_idle_ladder_and_holds_merge(tmp_path: Path) -> None:
             assert changes[-1].new == "cold" and changes[-2].reason == "idle_exit"
 
     run(main())
+
+
+def test_shutdown_during_a_hung_load_is_prompt(tmp_path: Path) -> None:
+    async def main() -> None:
+        cfg = daemon_config(tmp_path, worker={"load_timeout_s": 3600, "stop_timeout_s": 10},
+                            server={"stop_timeout_s": 30})
+        d = Daemon(cfg, env=fake_env(hang_load="1"))
+        async with d:
+            await d.submit(wav_bytes(0.5))
+            await d.wait_state("loading")
+            t0 = time.monotonic()
+        assert time.monotonic() - t0 < 3  # neither stop_timeout_s is waited out
+        assert exits(d)[0].kind == "exited"
+
+    run(main())

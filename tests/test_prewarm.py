@@ -4,7 +4,9 @@ scheduler's timing against a fake `start_hold` (no daemon; see test_prewarm_daem
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -401,3 +403,18 @@ def test_a_failed_prewarm_is_recorded_and_the_schedule_goes_on() -> None:
         assert snap["rules"][0]["next_fire"]["utc"] == (fire + timedelta(minutes=1)).isoformat()
 
     asyncio.run(main())
+
+
+def test_config_toml_documents_prewarm() -> None:
+    """config.toml lists [prewarm_lead] with its defaults and a commented [[prewarm]] example
+    that is valid once uncommented."""
+    text = (Path(__file__).resolve().parents[1] / "config.toml").read_text()
+    data = tomllib.loads(text)
+    assert "prewarm" not in data  # no rule unless the user writes one
+    defaults = {f.name: f.default for f in dataclasses.fields(config_mod.PrewarmLeadConfig)}
+    assert data["prewarm_lead"] == defaults
+    example = [line[2:] for line in text.splitlines()
+               if line.startswith(("# [[prewarm]]", "# name =", "# cron =", "# hold =",
+                                   "# timezone =", "# catch_up ="))]
+    (r,) = config_mod.build(config_mod.Config, tomllib.loads("\n".join(example))).prewarm
+    assert (r.name, r.cron, r.hold_s, r.tz) == ("workday", "0 9 * * 1-5", 9 * 3600, BERLIN)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import secrets
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import PurePath
@@ -21,7 +23,7 @@ from aiohttp import BodyPartReader, web
 from ondemand.audio import decode
 from ondemand.config import Config
 from ondemand.dispatcher import Dispatcher
-from ondemand.errors import AudioError
+from ondemand.errors import AudioError, OndemandError
 from ondemand.events import EventBus, JobFinished
 from ondemand.server.http_errors import BadRequest
 from ondemand.store import (
@@ -100,6 +102,19 @@ def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
     return n
 
 
+class StorageFull(OndemandError):
+    code = "insufficient_storage"
+
+
+def _storage_error(e: OSError) -> Exception:
+    """Spooling failed.  Out of space (ENOSPC, EDQUOT, EFBIG: a file size limit) is a clear
+    507 that says nothing was queued; anything else stays a logged 500."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageFull("the server's storage is full, so the upload was not stored and no job "
+                           "was queued; retry later (operators: free space in storage.dir)")
+    return e
+
+
 def _too_large(limit_mb: float) -> AudioError:
     return AudioError(
         f"the upload is larger than the limit of {limit_mb:g} MB (server.max_upload_mb); "
@@ -126,19 +141,24 @@ async def read_upload(request: web.Request, limit_mb: float) -> tuple[bytes, str
         raise _too_large(limit_mb)
     ctype = request.content_type
     if ctype == "multipart/form-data":
-        reader = await request.multipart()
         audio: bytes | None = None
         filename = ""
         fields: dict[str, str] = {}
-        async for part in reader:
-            if not isinstance(part, BodyPartReader) or not part.name:
-                continue
-            if part.name == "audio":
-                audio = await _read_limited(part.read_chunk, limit, limit_mb)
-                filename = part.filename or ""
-            else:
-                raw = await _read_limited(part.read_chunk, MAX_FIELD_BYTES, limit_mb)
-                fields[part.name] = raw.decode("utf-8", "replace")
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader) or not part.name:
+                    continue
+                if part.name == "audio":
+                    audio = await _read_limited(part.read_chunk, limit, limit_mb)
+                    filename = part.filename or ""
+                else:
+                    raw = await _read_limited(part.read_chunk, MAX_FIELD_BYTES, limit_mb)
+                    fields[part.name] = raw.decode("utf-8", "replace")
+        except ValueError as e:  # aiohttp: no/unknown boundary, truncated body (was a 500)
+            raise BadRequest(
+                "malformed multipart/form-data body (missing or wrong boundary, or cut short); "
+                "send the clip as the file field `audio`") from e
         if audio is None:
             raise BadRequest("the multipart form has no `audio` file field")
         return audio, filename, fields
@@ -187,10 +207,20 @@ async def submit(request: web.Request) -> tuple[Job, int]:
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
               created=time.time())
     path = store.audio_path(job_id)
-    await loop.run_in_executor(None, fsync_write_npy, path, decoded.samples)
+    try:
+        await loop.run_in_executor(None, fsync_write_npy, path, decoded.samples)
+    except OSError as e:
+        raise _storage_error(e) from e
     try:
         position = await store.add(job)
-    except BaseException:
+    except sqlite3.OperationalError as e:
+        store.remove_audio(job_id)
+        if "full" in str(e):  # SQLITE_FULL: "database or disk is full"
+            raise _storage_error(OSError(errno.ENOSPC, str(e))) from e
+        raise
+    except Exception:
+        # Not on cancellation: the row may be committed already; an orphan spool file is swept
+        # at the next start, a row without its audio would be a half job.
         store.remove_audio(job_id)
         raise
     app[DISPATCHER].wake()

@@ -35,6 +35,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "worker_unavailable": 503,
     "load_failed": 503,
     "shutting_down": 503,
+    "insufficient_storage": 507,  # spooling hit a full disk: nothing was queued
 }
 
 STATUS_CODES_FOR_HTTP: dict[int, str] = {
@@ -68,7 +69,7 @@ def response_for(exc: OndemandError) -> web.Response:
     retry: Any = getattr(exc, "retry_after_s", None)
     if status == 503:
         headers = {"Retry-After": str(max(1, math.ceil(retry if retry is not None else 5)))}
-    message = exc.message if status < 500 or status == 503 else "internal error"
+    message = exc.message if status < 500 or status in (503, 507) else "internal error"
     return error_response(status, exc.code, message, headers)
 
 
