@@ -53,7 +53,8 @@ print(time.time() - t0)
 def wav(seconds: float, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * 16000)) / 16000
-    x = 0.3 * np.sin(2 * np.pi * (150 + 100 * rng.random()) * t) + 0.01 * rng.standard_normal(t.size)
+    freq = 150 + 100 * rng.random()
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size)
     buf = io.BytesIO()
     sf.write(buf, x.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
     return buf.getvalue()

@@ -32,8 +32,14 @@ import soundfile as sf
 SR = 16_000
 KINDS = ("voiced", "mixed", "tones", "noise")
 # (F1, F2, F3) in Hz for a few vowels
-VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480),
-          (660, 1720, 2410), (570, 840, 2410))
+VOWELS = (
+    (730, 1090, 2440),
+    (270, 2290, 3010),
+    (300, 870, 2240),
+    (530, 1840, 2480),
+    (660, 1720, 2410),
+    (570, 840, 2410),
+)
 
 
 def _colored_noise(rng: np.random.Generator, n: int, tilt: float) -> np.ndarray:
@@ -61,8 +67,9 @@ def _voiced(rng: np.random.Generator, n: int) -> np.ndarray:
     n_syl = max(1, int(n / SR * 4))
     idx = rng.integers(0, len(VOWELS), n_syl + 1)
     pos = np.linspace(0, n_syl, n)
-    formants = np.stack([np.interp(pos, np.arange(n_syl + 1), [VOWELS[i][k] for i in idx])
-                         for k in range(3)])
+    formants = np.stack(
+        [np.interp(pos, np.arange(n_syl + 1), [VOWELS[i][k] for i in idx]) for k in range(3)]
+    )
     out = np.zeros(n)
     for h in range(1, 40):
         fh = h * f0
@@ -94,7 +101,7 @@ def _tones(rng: np.random.Generator, n: int) -> np.ndarray:
         f1, f2 = rng.uniform(200, 1600), rng.uniform(600, 3400)
         seg = np.sin(2 * np.pi * f1 * t) + rng.uniform(0, 1) * np.sin(2 * np.pi * f2 * t)
         ramp = np.minimum(1, np.minimum(np.arange(m), np.arange(m)[::-1]) / 80)
-        out[i:i + m] = seg * ramp
+        out[i : i + m] = seg * ramp
         i += dur + gap
     return out / (np.max(np.abs(out)) + 1e-12)
 
@@ -105,7 +112,7 @@ def _noise(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def make_clip(rng: np.random.Generator, kind: str, seconds: float) -> np.ndarray:
-    n = int(round(seconds * SR))
+    n = round(seconds * SR)
     if kind == "voiced":
         x = _voiced(rng, n)
     elif kind == "mixed":
@@ -120,8 +127,9 @@ def make_clip(rng: np.random.Generator, kind: str, seconds: float) -> np.ndarray
     return (x / (np.max(np.abs(x)) + 1e-12) * peak).astype(np.float32)
 
 
-def make_clips(out_dir: Path, count: int = 24, seed: int = 0, min_s: float = 1.0,
-               max_s: float = 10.0) -> list[dict]:
+def make_clips(
+    out_dir: Path, count: int = 24, seed: int = 0, min_s: float = 1.0, max_s: float = 10.0
+) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     durations = np.round(np.linspace(min_s, max_s, count), 2)
@@ -133,10 +141,24 @@ def make_clips(out_dir: Path, count: int = 24, seed: int = 0, min_s: float = 1.0
         name = f"clip{i:02d}_{kind}.wav"
         path = out_dir / name
         sf.write(path, x, SR, subtype="PCM_16")
-        clips.append({"name": name, "kind": kind, "seconds": len(x) / SR, "samples": len(x),
-                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    manifest = {"seed": seed, "count": count, "sample_rate": SR, "min_s": min_s, "max_s": max_s,
-                "total_seconds": round(sum(c["seconds"] for c in clips), 3), "clips": clips}
+        clips.append(
+            {
+                "name": name,
+                "kind": kind,
+                "seconds": len(x) / SR,
+                "samples": len(x),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+        )
+    manifest = {
+        "seed": seed,
+        "count": count,
+        "sample_rate": SR,
+        "min_s": min_s,
+        "max_s": max_s,
+        "total_seconds": round(sum(c["seconds"] for c in clips), 3),
+        "clips": clips,
+    }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return clips
 

@@ -256,9 +256,9 @@ def prev_fire(rule: PrewarmRule, at: datetime, local: tzinfo = UTC) -> datetime 
         return None
 
 
-def fires(rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC) -> Iterator[
-    datetime
-]:
+def fires(
+    rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC
+) -> Iterator[datetime]:
     """Every fire instant in (start, end]."""
     t = next_fire(rule, start, local)
     while t <= end:

@@ -18,7 +18,9 @@
 #   4. /etc/ondemand/ondemand.env from systemd/ondemand.env.example with a random
 #      ONDEMAND_TOKEN, if absent (mode 0640 root:ondemand)
 #   5. every unit in systemd/ into /etc/systemd/system; daemon-reload; enable --now
-#      ondemand.service (and any ondemand-*.timer); restart when the code or units changed
+#      ondemand.service; restart it when the code or units changed.  Timers such as
+#      ondemand-prewarm.timer are installed but not enabled: holding the GPU on a schedule
+#      costs money, so that is your call (`systemctl enable --now ondemand-prewarm.timer`)
 # Existing config, env file and state are never overwritten.
 set -euo pipefail
 
@@ -152,7 +154,6 @@ for unit in "$src"/systemd/*.service "$src"/systemd/*.timer "$src"/systemd/*.soc
             "$src"/systemd/*.path; do
   [ -e "$unit" ] || continue
   name=$(basename "$unit")
-  case "$name" in ondemand-*.timer) enable+=("$name") ;; esac
   if cmp -s "$unit" "$units/$name"; then
     say "unit $name is up to date"
   else
@@ -174,6 +175,9 @@ if have_systemd; then
     run systemctl enable "${enable[@]}"
   fi
   say "done.  Check: systemctl status ondemand; journalctl -u ondemand -f"
+  for t in "$units"/ondemand-*.timer; do
+    [ -e "$t" ] && say "optional: systemctl enable --now $(basename "$t")  (docs/prewarm.md)"
+  done
   say "       curl -H \"Authorization: Bearer \$(sudo sed -n 's/^ONDEMAND_TOKEN=//p' $etc/ondemand.env)\" http://127.0.0.1:8321/v1/status"
 elif [ "$staged" = 1 ]; then
   echo "  (skipped with --prefix) systemctl daemon-reload; systemctl enable --now ${enable[*]}"

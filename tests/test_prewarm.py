@@ -418,3 +418,34 @@ def test_config_toml_documents_prewarm() -> None:
                                    "# timezone =", "# catch_up ="))]
     (r,) = config_mod.build(config_mod.Config, tomllib.loads("\n".join(example))).prewarm
     assert (r.name, r.cron, r.hold_s, r.tz) == ("workday", "0 9 * * 1-5", 9 * 3600, BERLIN)
+
+
+def test_a_clock_jump_past_a_window_is_missed_and_caught_up() -> None:
+    """Suspend/resume or a wall-clock step: the fire whose window passed unseen is skipped (not
+    loaded late), the window the clock landed in is caught up, and the plan moves on."""
+
+    async def main() -> None:
+        base, fire = shifted_clock(30.0)
+        jump = timedelta(0)
+
+        def clock() -> datetime:
+            return base() + jump
+
+        holds = Holds(clock)
+        sched = PrewarmScheduler([rule("* * * * *", hold="5s", name="j")], lead_cfg(floor_s=1),
+                                 holds, clock=clock, recheck_s=0.05)
+        sched.start()
+        try:
+            await until(lambda: sched.snapshot()["rules"][0]["next_fire"] is not None)
+            assert holds.calls == []
+            jump = timedelta(seconds=30 + 61)  # 1 s into the window of the fire after `fire`
+            await until(lambda: bool(holds.calls))
+            snap = sched.snapshot()
+        finally:
+            await sched.close()
+        nxt = fire + timedelta(minutes=1)
+        assert holds.calls[0][1:] == (nxt + timedelta(seconds=5), "schedule", "j")
+        assert [(r.fire, r.catch_up) for r in sched.fired] == [(nxt, True)]
+        assert snap["rules"][0]["next_fire"]["utc"] == (nxt + timedelta(minutes=1)).isoformat()
+
+    asyncio.run(main())

@@ -18,6 +18,7 @@ from ondemand import config as config_mod
 from ondemand.events import ModelLoaded, StateChanged
 from ondemand.prewarm import build_rules
 from ondemand.server import prewarm_api
+from ondemand.server.service import status_text
 from tests.conftest import Daemon, daemon_config, fake_env, wait_for
 
 LOAD_S = 0.4  # the fake worker's load time
@@ -39,7 +40,7 @@ def prewarm_daemon(tmp_path: Path, clock: Callable[[], datetime], hold: str,
         prewarm=build_rules([{"name": "m", "cron": "* * * * *", "hold": hold, **rule}],
                             "prewarm"),
         prewarm_lead=config_mod.build(config_mod.PrewarmLeadConfig,
-                                      {"floor_s": 1.5, "factor": 1.5}),
+                                      {"floor_s": 2.5, "factor": 1.5}),
     )
     d = Daemon(cfg, env=fake_env(load_s=str(LOAD_S)))
     d.app[prewarm_api.CLOCK] = clock
@@ -55,14 +56,14 @@ async def get(d: Daemon, path: str) -> dict[str, Any]:
 
 def test_rule_warms_by_the_fire_holds_then_scales_to_zero(tmp_path: Path) -> None:
     async def main() -> None:
-        clock, fire = shifted_clock(3.0)
+        clock, fire = shifted_clock(4.0)
         hold_end = fire + timedelta(seconds=3)
         async with prewarm_daemon(tmp_path, clock, "3s", catch_up=False) as d:
             doc = await get(d, "/v1/prewarm")
-            assert doc["lead"] == {**doc["lead"], "seconds": 1.5, "source": "floor"}
+            assert doc["lead"] == {**doc["lead"], "seconds": 2.5, "source": "floor"}
             rule = doc["rules"][0]
             assert rule["next_fire"]["utc"] == fire.isoformat()
-            assert rule["next_start"]["utc"] == (fire - timedelta(seconds=1.5)).isoformat()
+            assert rule["next_start"]["utc"] == (fire - timedelta(seconds=2.5)).isoformat()
             assert d.sup.state.value == "cold" and doc["holds"] == []
 
             # ready with no job, by the fire time
@@ -72,7 +73,7 @@ def test_rule_warms_by_the_fire_holds_then_scales_to_zero(tmp_path: Path) -> Non
             sched = d.app[prewarm_api.PREWARM]
             await wait_for(lambda: bool(sched.fired) and sched.fired[0].ready is not None, 2)
             rec = sched.fired[0]
-            assert rec.lateness_s is not None and -1.5 <= rec.lateness_s <= 0
+            assert rec.lateness_s is not None and -2.5 <= rec.lateness_s <= 0
             loaded = [e for e in d.events if isinstance(e, ModelLoaded)]
             assert [e.trigger for e in loaded] == ["schedule:m"]
             starting = [e for e in d.events if isinstance(e, StateChanged) and e.new == "starting"]
@@ -82,6 +83,9 @@ def test_rule_warms_by_the_fire_holds_then_scales_to_zero(tmp_path: Path) -> Non
             status = await d.status()
             assert status["worker"]["warm_because"] == "hold"
             assert status["worker"]["hold_trigger"] == "schedule:m"
+            # systemctl status (STATUS=) says why the worker is warm
+            text = status_text(status["worker"], status["queue"], draining=False)
+            assert text.startswith("worker ready (held by schedule:m, 0h00m left), 0 queued"), text
             doc = await get(d, "/v1/prewarm")
             (hold,) = doc["holds"]
             assert hold["trigger"] == "schedule:m"
@@ -139,7 +143,7 @@ def test_no_catch_up_stays_cold(tmp_path: Path) -> None:
             out = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True,
                                           timeout=30)
             assert out.returncode == 0, out.stderr
-            assert "lead 1.5s (floor; 0 load(s) recorded)" in out.stdout
+            assert "lead 2.5s (floor; 0 load(s) recorded)" in out.stdout
             assert "rule m: cron '* * * * *' " in out.stdout  # then the machine's zone
             assert " hold 22s (no catch-up)" in out.stdout
             assert "next fire" in out.stdout and "UTC)" in out.stdout

@@ -109,7 +109,10 @@ class StorageFull(OndemandError):
 def _storage_error(e: OSError) -> Exception:
     """Spooling failed.  Out of space (ENOSPC, EDQUOT, EFBIG: a file size limit) is a clear
     507 that says nothing was queued; anything else stays a logged 500."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    # numpy's tofile() reports a short write as a bare OSError("N requested and M written"):
+    # that is what a full disk (or quota, or file size limit) looks like from np.save.
+    short_write = e.errno is None and "written" in str(e)
+    if short_write or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StorageFull("the server's storage is full, so the upload was not stored and no job "
                            "was queued; retry later (operators: free space in storage.dir)")
     return e

@@ -174,7 +174,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
             log.info("ondemand serving on http://%s:%d (storage %s)", host, port,
                      Path(cfg.storage.dir).resolve())
         service = ServiceNotifier(app, notifier)
-        await service.tick()  # STATUS before READY, so `systemctl status` never shows nothing
+        await service.tick(ping=False)  # STATUS first: `systemctl status` never shows nothing
         notifier.ready()
         service.start()
         if ready is not None:

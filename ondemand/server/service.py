@@ -34,7 +34,13 @@ OWNER_TASKS = ("supervisor", "dispatcher")  # task names given by Supervisor/Dis
 def status_text(worker: dict[str, object], counts: dict[str, int], *, draining: bool) -> str:
     """`worker ready, 3 queued, 1 running` (+ the reason when backing off or draining)."""
     state = worker.get("state", "?")
-    text = f"worker {state}, {counts.get('queued', 0)} queued, {counts.get('running', 0)} running"
+    held = ""
+    hold_s = worker.get("hold_s")
+    if worker.get("warm_because") == "hold" and isinstance(hold_s, int | float):
+        h, m = divmod(int(hold_s // 60), 60)  # minutes: STATUS= is only resent when it changes
+        held = f" (held by {worker.get('hold_trigger')}, {h}h{m:02d}m left)"
+    text = (f"worker {state}{held}, {counts.get('queued', 0)} queued, "
+            f"{counts.get('running', 0)} running")
     err = worker.get("last_error")
     if state == "backoff" and isinstance(err, dict):
         text += f"; load failed ({err.get('code')}): {err.get('message')}"
@@ -80,8 +86,9 @@ class ServiceNotifier:
             except Exception:  # never let notification kill the daemon; no ping this round
                 log.exception("sd_notify tick failed")
 
-    async def tick(self) -> bool:
-        """Send STATUS (if changed) and a watchdog ping (if healthy).  True when healthy."""
+    async def tick(self, *, ping: bool = True) -> bool:
+        """Send STATUS (if changed) and a watchdog ping (if healthy and `ping`).  True when
+        healthy."""
         app = self.app
         try:
             counts = await asyncio.wait_for(app[api.STORE].counts(), self.period_s)
@@ -100,6 +107,6 @@ class ServiceNotifier:
             log.error("watchdog: owner task(s) %s ended; no ping (systemd will restart us)",
                       ",".join(missing))
             return False
-        if self.notifier.watchdog_s:
+        if ping and self.notifier.watchdog_s:
             self.notifier.watchdog()
         return True
