@@ -137,20 +137,13 @@ class Emotion2vec(nn.Module):
             mean = (x * valid).sum(1, keepdim=True) / n
             var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / n
             x = (x - mean) / torch.sqrt(var + 1e-5)
-        x = (x * valid).to(dtype).unsqueeze(1)  # (B, 1, L)
-
+        x = (x * valid).to(dtype).unsqueeze(-1)  # (B, L, 1)
         for layer in enc.local_encoder.conv_layers:
             conv, ln = stem_layer(layer)
-            x = conv(x)
-            x = F.layer_norm(
-                x.transpose(1, 2).float(),
-                ln.normalized_shape,
-                ln.weight.float(),
-                ln.bias.float(),
-                ln.eps,
-            )
-            x = F.gelu(x).to(dtype).transpose(1, 2)
-        x = x.transpose(1, 2)  # (B, T, C)
+            x = strided_conv(x, conv)
+            x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(),
+                             ln.eps)
+            x = F.gelu(x).to(dtype)
         x = enc.project_features[2](enc.project_features[1](x))
 
         frames = self.frame_counts(lengths)
@@ -197,6 +190,19 @@ class Emotion2vec(nn.Module):
         mask = torch.arange(feats.shape[1], device=feats.device)[None, :] < frames[:, None]
         m = mask.unsqueeze(-1).to(feats.dtype)
         return (feats * m).sum(1) / frames[:, None].to(feats.dtype)
+
+
+def strided_conv(x: Tensor, conv: nn.Conv1d) -> Tensor:
+    """Conv1d without padding or bias on channels-last input, as one matmul: (B, L, C_in) ->
+    (B, T, C_out).  Same numbers as `conv`, but stays in (B, T, C) layout: on CPU the layout
+    reorders around mkldnn's conv1d cost more than the arithmetic (docs/benchmarks.md)."""
+    (kernel,), (stride,) = conv.kernel_size, conv.stride
+    b, length, c_in = x.shape
+    t = (length - kernel) // stride + 1
+    x = x.contiguous()
+    windows = x.as_strided((b, t, kernel * c_in), (length * c_in, stride * c_in, 1))
+    weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, kernel * c_in)
+    return windows @ weight.t()
 
 
 def stem_layer(layer: nn.Module) -> tuple[nn.Conv1d, nn.LayerNorm]:
