@@ -142,11 +142,12 @@ class Engine:
         expected = {k: v.shape for k, v in net.state_dict().items()}
         weights = checkpoint.check_tensors(expected, state)
         del state
-        target = DTYPES.get(dtype, torch.float32)
+        low = _matmul_weights(net) if dtype in ("bfloat16", "float16") else set()
         # Copy out of the mmap (owned memory: a file replaced under us cannot SIGBUS us) and
-        # convert in the same pass; this is where the weight bytes are actually read.
+        # convert in the same pass; this is where the weight bytes are actually read.  Only the
+        # matmul/conv weights go to bf16/fp16: norms, biases of the stream and the head stay fp32.
         weights = {
-            k: v.to(device=dev, dtype=target if v.is_floating_point() else v.dtype, copy=True)
+            k: v.to(device=dev, dtype=DTYPES[dtype] if k in low else torch.float32, copy=True)
             for k, v in weights.items()
         }
         t2 = time.perf_counter()
@@ -292,6 +293,16 @@ def _check_clip(clip: Clip) -> None:
             f"({1000 * MIN_SAMPLES // SAMPLE_RATE} ms at 16 kHz) are needed",
             code="too_short",
         )
+
+
+def _matmul_weights(net: Emotion2vec) -> set[str]:
+    """State-dict names of the linear and conv layers' parameters, the classifier excepted."""
+    return {
+        f"{name}.{param}"
+        for name, module in net.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv1d) and name != "proj"
+        for param, _ in module.named_parameters(recurse=False)
+    }
 
 
 def _quantize_int8(net: Emotion2vec) -> Emotion2vec:

@@ -47,11 +47,22 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """x: the float32 residual stream; only the matmuls run in the weights' dtype."""
         b, n, d = x.shape
-        qkv = self.attn.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
-        x = self.norm1(x + self.attn.proj(a.transpose(1, 2).reshape(b, n, d)))
-        return self.norm2(x + self.mlp.fc2(F.gelu(self.mlp.fc1(x))))
+        qkv = linear(self.attn.qkv, x).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = self.norm1(x + linear(self.attn.proj, a.transpose(1, 2).reshape(b, n, d)))
+        return self.norm2(x + linear(self.mlp.fc2, F.gelu(linear(self.mlp.fc1, x))))
+
+
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """`layer(x)` computed in the layer's weight dtype (bf16/fp16 or float32, or an int8 dynamic
+    quantized layer, which takes float32), returned as float32."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor) and weight.dtype != x.dtype:
+        return cast(Tensor, layer(x.to(weight.dtype))).float()
+    return cast(Tensor, layer(x))
 
 
 class ContextEncoder(nn.Module):
@@ -129,7 +140,6 @@ class Emotion2vec(nn.Module):
 
         Frames at or past a clip's length are padding and hold garbage."""
         arch, enc = self.arch, self.audio
-        dtype = enc.extra_tokens.dtype
         valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < lengths[:, None]
         x = wav.float()
         if arch.normalize:
@@ -137,14 +147,13 @@ class Emotion2vec(nn.Module):
             mean = (x * valid).sum(1, keepdim=True) / n
             var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / n
             x = (x - mean) / torch.sqrt(var + 1e-5)
-        x = (x * valid).to(dtype).unsqueeze(-1)  # (B, L, 1)
+        x = (x * valid).unsqueeze(-1)  # (B, L, 1)
         for layer in enc.local_encoder.conv_layers:
             conv, ln = stem_layer(layer)
             x = strided_conv(x, conv)
-            x = F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(),
-                             ln.eps)
-            x = F.gelu(x).to(dtype)
-        x = enc.project_features[2](enc.project_features[1](x))
+            x = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            x = F.gelu(x)
+        x = linear(enc.project_features[2], enc.project_features[1](x))
 
         frames = self.frame_counts(lengths)
         t_max = x.shape[1]
@@ -153,7 +162,7 @@ class Emotion2vec(nn.Module):
         y = x.transpose(1, 2)
         for block in list(enc.relative_positional_encoder)[1:]:
             conv = cast(nn.Conv1d, cast(nn.Sequential, block)[0])
-            y = conv(y * keep)
+            y = linear(conv, y * keep)
             if conv.kernel_size[0] % 2 == 0:
                 y = y[:, :, :-1]
             y = F.gelu(F.layer_norm(y.transpose(1, 2), (arch.dim,), eps=arch.eps)).transpose(1, 2)
@@ -161,7 +170,7 @@ class Emotion2vec(nn.Module):
 
         b = x.shape[0]
         x = torch.cat([enc.extra_tokens.expand(b, -1, -1), x], dim=1)
-        bias = self.attention_bias(pad, x.dtype)
+        bias = self.attention_bias(pad)
         x = enc.context_encoder.norm(x)
         for blk in enc.context_encoder.blocks:
             x = blk(x, bias)
@@ -169,7 +178,7 @@ class Emotion2vec(nn.Module):
             x = blk(x, bias)
         return x[:, arch.extra_tokens :], frames
 
-    def attention_bias(self, pad: Tensor, dtype: torch.dtype) -> Tensor:
+    def attention_bias(self, pad: Tensor) -> Tensor:
         """ALiBi over real frames, zero rows/cols for the extra tokens, -inf on padded keys.
 
         Returns (B, H, N, N) with N = extra + T."""
@@ -183,7 +192,7 @@ class Emotion2vec(nn.Module):
         alibi = F.pad(alibi, (arch.extra_tokens, 0, arch.extra_tokens, 0))
         key_pad = F.pad(pad, (arch.extra_tokens, 0), value=False)  # (B, N)
         bias = alibi[None].masked_fill(key_pad[:, None, None, :], float("-inf"))
-        return bias.to(dtype)
+        return bias
 
     def pool(self, feats: Tensor, frames: Tensor) -> Tensor:
         """Mean over each clip's valid frames -> (B, D)."""
@@ -202,7 +211,7 @@ def strided_conv(x: Tensor, conv: nn.Conv1d) -> Tensor:
     x = x.contiguous()
     windows = x.as_strided((b, t, kernel * c_in), (length * c_in, stride * c_in, 1))
     weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, kernel * c_in)
-    return windows @ weight.t()
+    return (windows.to(weight.dtype) @ weight.t()).float()
 
 
 def stem_layer(layer: nn.Module) -> tuple[nn.Conv1d, nn.LayerNorm]:
