@@ -11,7 +11,7 @@ from collections.abc import Sequence
 # Padded-audio budget per batch, in seconds, chosen from measurements (docs/benchmarks.md):
 # on CPU padded batches do not pay (compute-bound, padding is waste), so only very short clips
 # are grouped; on a GPU batching is where throughput comes from.
-DEFAULT_BUDGET_S = {"cpu": 0.0, "cuda": 320.0}
+DEFAULT_BUDGET_S = {"cpu": 6.0, "cuda": 320.0}
 
 
 def default_budget_s(device_type: str) -> float:

@@ -37,6 +37,7 @@ def write_config(tmp_path: Path) -> Path:
         "[worker]\n"
         f"command = \"{sys.executable} {FAKE_WORKER}\"\n"
         "unload_after_s = -1\nexit_after_s = -1\nstop_timeout_s = 1.0\nload_timeout_s = 10.0\n"
+        "batch_audio_s = 0.01\n"  # one job per batch, so a kill interrupts only one or two
         f"[storage]\ndir = \"{tmp_path / 'var'}\"\n"
     )
     return cfg

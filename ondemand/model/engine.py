@@ -172,7 +172,7 @@ class Engine:
         )
         return cls(net, labels, dev, dtype, timings)
 
-    def warm_up(self, seconds: float = 1.0) -> float:
+    def warm_up(self, seconds: float = 0.5) -> float:
         """One inference on a synthetic clip so the first real request is not the slow one."""
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
