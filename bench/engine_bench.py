@@ -75,7 +75,12 @@ def throughput(model: Path, clips_dir: Path, dtypes: list[str]) -> dict[str, Any
         eng = Engine.load(model, device="cpu", dtype=dtype)
         eng.warm_up()
         row: dict[str, Any] = {}
-        for label, budget in (("one_at_a_time", 0.0), ("batched_6s", 6.0), ("batched_20s", 20.0), ("batched_60s", 60.0)):
+        for label, budget in (
+            ("one_at_a_time", 0.0),
+            ("batched_6s", 6.0),
+            ("batched_20s", 20.0),
+            ("batched_60s", 60.0),
+        ):
             t0 = time.perf_counter()
             preds = eng.infer(clips, batch_audio_s=budget)
             row[label] = round(audio_s / (time.perf_counter() - t0), 2)
