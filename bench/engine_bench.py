@@ -26,7 +26,7 @@ import torch, numpy
 from ondemand.audio import decode
 from ondemand.model.engine import Clip, Engine
 t1 = time.time()
-eng = Engine.load(sys.argv[1], device="cpu", dtype=sys.argv[3])
+eng = Engine.load(sys.argv[1], device=sys.argv[4], dtype=sys.argv[3])
 t2 = time.time()
 clip = Clip("first", decode(sys.argv[2], max_seconds=600).samples)
 pred = eng.infer([clip])[0]
@@ -36,12 +36,12 @@ print(json.dumps({"start": t0, "imports": t1 - t0, "load": t2 - t1, "timings": e
 """
 
 
-def fresh_load(model: Path, clip: Path, dtype: str, runs: int) -> dict[str, Any]:
+def fresh_load(model: Path, clip: Path, dtype: str, runs: int, device: str) -> dict[str, Any]:
     rows = []
     for _ in range(runs):
         spawn = time.time()
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, str(model), str(clip), dtype],
+            [sys.executable, "-c", CHILD, str(model), str(clip), dtype, device],
             check=True,
             capture_output=True,
             text=True,
@@ -60,7 +60,7 @@ def fresh_load(model: Path, clip: Path, dtype: str, runs: int) -> dict[str, Any]
     return {k: round(statistics.median(row[k] for row in rows), 3) for k in rows[0]}
 
 
-def throughput(model: Path, clips_dir: Path, dtypes: list[str]) -> dict[str, Any]:
+def throughput(model: Path, clips_dir: Path, dtypes: list[str], device: str) -> dict[str, Any]:
     import numpy as np
 
     from ondemand.audio import decode
@@ -72,7 +72,7 @@ def throughput(model: Path, clips_dir: Path, dtypes: list[str]) -> dict[str, Any
     results: dict[str, Any] = {"clips": len(clips), "audio_s": round(audio_s, 2)}
     reference = None
     for dtype in dtypes:
-        eng = Engine.load(model, device="cpu", dtype=dtype)
+        eng = Engine.load(model, device=device, dtype=dtype)
         eng.warm_up()
         row: dict[str, Any] = {}
         for label, budget in (
@@ -102,15 +102,16 @@ def main() -> None:
     ap.add_argument("--clips", type=Path, required=True)
     ap.add_argument("--dtypes", default="float32,bfloat16,int8")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     first = sorted(args.clips.glob("*.wav"))[0]
     dtypes = args.dtypes.split(",")
     report = {
         "fresh_process_load_to_first_result": {
-            d: fresh_load(args.model, first, d, args.runs) for d in dtypes
+            d: fresh_load(args.model, first, d, args.runs, args.device) for d in dtypes
         },
-        "throughput_audio_s_per_s": throughput(args.model, args.clips, dtypes),
+        "throughput_audio_s_per_s": throughput(args.model, args.clips, dtypes, args.device),
     }
     text = json.dumps(report, indent=2)
     print(text)

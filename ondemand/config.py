@@ -247,3 +247,13 @@ def default_config_path() -> Path | None:
         return Path(env)
     local = Path("config.toml")
     return local if local.is_file() else None
+
+
+def with_model(cfg: Config, spec: str) -> Config:
+    """`--model SPEC`: an existing directory sets model.path, anything else model.id."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        model = dataclasses.replace(cfg.model, path=str(path.resolve()))
+    else:
+        model = dataclasses.replace(cfg.model, id=spec, path="")
+    return dataclasses.replace(cfg, model=model)

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the scale-to-zero daemon (HTTP API v1)")
     s.add_argument("--config", type=Path, help="config file (default: ONDEMAND_CONFIG or "
                                                "./config.toml)")
+    s.add_argument("--model", help="model directory or ModelScope id (overrides model.path/id)")
     s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("submit", help="send audio files to the daemon (JSON lines out)")
@@ -65,7 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ondemand.server.app import serve
 
-    asyncio.run(serve(_config(args)))
+    cfg = _config(args)
+    if args.model:
+        cfg = config_mod.with_model(cfg, args.model)
+    asyncio.run(serve(cfg))
     return 0
 
 
