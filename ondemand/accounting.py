@@ -19,6 +19,7 @@ right after the change, with the event's wall-clock time, so intervals tile time
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -133,9 +134,15 @@ class Accounting:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
-        self.sampler.flush()
-        self.sampler.stop()
-        self.ledger.close()
+        try:
+            self.sampler.flush()
+            self.ledger.close()
+        except sqlite3.Error as e:
+            # A full disk must not turn a clean shutdown into a crash; on restart the open
+            # interval is closed at its last recorded touch, as after a crash (docs/cost.md).
+            log.error("cost ledger: final write failed (%s); the interval closes on restart", e)
+        finally:
+            self.sampler.stop()
 
     # -- the cost document (GET /v1/cost, `ondemand cost`) --------------------------------
     def document(self, since: float | None = None, until: float | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -33,6 +34,7 @@ BLOCK_FRAMES = 1 << 16
 # (libsndfile already clamps WAV data sizes to the file; FLAC errors itself; this catches MP3
 # and friends, with slack for encoders whose length fields are slightly off.)
 TRUNCATION_SLACK = 0.01
+RIFF_SCAN_BYTES = 1 << 16  # chunks before `data` (fmt, LIST, ...) fit in this
 ACCEPTED = "WAV, FLAC, OGG (Vorbis/Opus), MP3 and the other formats libsndfile reads"
 
 
@@ -60,6 +62,7 @@ def decode(data: bytes | os.PathLike[str] | str, *, max_seconds: float) -> Decod
 
 
 def _decode_file(fh: BinaryIO, max_seconds: float) -> Decoded:
+    _check_wav_data_size(fh)
     with _open(fh) as f:
         rate, channels, announced = int(f.samplerate), int(f.channels), int(f.frames)
         _check_length(announced, rate, max_seconds)
@@ -88,6 +91,35 @@ def _decode_file(fh: BinaryIO, max_seconds: float) -> Decoded:
         )
     log.debug("audio decoded rate=%d channels=%d samples=%d", rate, channels, samples.size)
     return Decoded(samples, rate, channels, samples.size / SAMPLE_RATE)
+
+
+def _check_wav_data_size(fh: BinaryIO) -> None:
+    """Refuse a RIFF/WAVE file whose `data` chunk announces more bytes than the file holds.
+
+    libsndfile silently clamps such a chunk to the file and decodes what is there; for an
+    upload that means a truncated transfer or a lying header, which we refuse rather than
+    classify half a clip.  Streamed WAVs (size 0 or 0xFFFFFFFF) are accepted."""
+    head = fh.read(RIFF_SCAN_BYTES)
+    total = fh.seek(0, io.SEEK_END)
+    fh.seek(0)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    offset = 12
+    while offset + 8 <= len(head):
+        chunk, size = head[offset : offset + 4], struct.unpack_from("<I", head, offset + 4)[0]
+        if chunk == b"data":
+            present = total - (offset + 8)
+            if size not in (0, 0xFFFFFFFF) and size > present:
+                if present <= 0:
+                    raise _empty()
+                raise AudioError(
+                    f"the WAV header announces {size} bytes of audio data but the file holds "
+                    f"only {present}: the upload is truncated or the header is wrong. Send the "
+                    "complete file.",
+                    code="undecodable",
+                )
+            return
+        offset += 8 + size + (size & 1)
 
 
 def _open(fh: BinaryIO) -> sf.SoundFile:

@@ -221,14 +221,14 @@ def test_truncated_mp3_is_undecodable() -> None:
     assert code_of(data[: len(data) // 2]) == "undecodable"
 
 
-def test_wav_header_lying_about_data_length_decodes_what_is_there() -> None:
-    # libsndfile clamps a RIFF data size to the file (streamed WAVs carry 0xFFFFFFFF there);
-    # we get exactly the samples present, never the announced length.
-    for size in (10 * 2 * SAMPLE_RATE, 0xFFFFFFFF):
-        d = decode(patched(wav_16k(), 40, "<I", size), max_seconds=MAX_S)
-        np.testing.assert_array_equal(d.samples, decode(wav_16k(), max_seconds=MAX_S).samples)
-    # cut inside the data: the frames that are there (incl. a partial last frame dropped)
-    assert decode(wav_16k()[: 44 + 2 * 1000 + 1], max_seconds=MAX_S).samples.size == 1000
+def test_wav_header_lying_about_data_length_is_refused() -> None:
+    # libsndfile would clamp the data chunk to the file and decode half a clip; we refuse it.
+    lying = patched(wav_16k(), 40, "<I", 10 * 2 * SAMPLE_RATE)
+    assert code_of(lying) == "undecodable"
+    assert code_of(wav_16k()[: 44 + 2 * 1000 + 1]) == "undecodable"  # cut inside the data
+    # streamed WAVs carry 0xFFFFFFFF there: accepted, exactly the samples present
+    d = decode(patched(wav_16k(), 40, "<I", 0xFFFFFFFF), max_seconds=MAX_S)
+    np.testing.assert_array_equal(d.samples, decode(wav_16k(), max_seconds=MAX_S).samples)
 
 
 def test_messages_never_name_server_paths(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def test_bad_input_catalogue(live: LiveDaemon) -> None:
         ("header only", wav[:44], "audio/wav", "empty", 400),
         ("header cut short", wav[:30], "audio/wav", "undecodable", 400),
         ("RIFF only", b"RIFF", "audio/wav", "undecodable", 400),
-        ("header claims hours", bytes(hours), "audio/wav", "too_short", 400),
+        ("header claims hours", bytes(hours), "audio/wav", "undecodable", 400),
         ("channels 0", wav[:22] + struct.pack("<H", 0) + wav[24:], "audio/wav",
          "undecodable", 400),
         ("rate 0", wav[:24] + struct.pack("<I", 0) + wav[28:], "audio/wav", "undecodable", 400),
