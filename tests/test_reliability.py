@@ -657,3 +657,47 @@ def test_load_2000_submissions_at_concurrency_50(tmp_path: Path) -> None:
     print(f"\nload: {n} submissions at concurrency {concurrency}: {len(accepted)} accepted, "
           f"{len(other)} answered 503 queue_full; uploads took {submit_s:.1f}s "
           f"({n / submit_s:.0f}/s), all accepted done after {total_s:.1f}s; lost 0")
+
+
+def test_load_2000_submissions_real_worker_tiny_model(tmp_path: Path) -> None:
+    """The same load against the real worker (`python -m ondemand.worker`, torch) on the golden
+    tiny model: every 202 completes exactly once with a real result, overflow is 503."""
+    n, concurrency = 2000, 50
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        "[server]\nport = 0\nstop_timeout_s = 5.0\n"
+        f'[model]\npath = "{GOLDEN / "model"}"\n'
+        '[worker]\ndevice = "cpu"\nunload_after_s = -1\nexit_after_s = -1\n'
+        "batch_audio_s = 16.0\nload_timeout_s = 60.0\n"
+        "[queue]\nmax_pending = 300\n"
+        f'[storage]\ndir = "{tmp_path / "var"}"\n'
+    )
+    clips = [(f"k{i}", wav_bytes(0.05 + (i % 5) * 0.01, freq=200 + i % 7)) for i in range(n)]
+    proc, url = _serve(cfg, dict(os.environ))
+    try:
+        accepted, other = run(_post_many(url, clips, concurrency))
+
+        async def settle() -> None:
+            async with aiohttp.ClientSession(url) as http:
+                async def idle() -> bool:
+                    async with http.get("/v1/status") as r:
+                        q = (await r.json())["queue"]
+                        return bool(q["queued"] == 0 and q["running"] == 0)
+
+                await wait_for(idle, 90, "queue drained")
+
+        run(settle())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert len(accepted) + len(other) == n and len(accepted) >= 300
+    for status, headers, body in other:
+        assert status == 503 and body["error"]["code"] == "queue_full", (status, body)
+        assert int(headers["Retry-After"]) >= 1
+    rows = _rows(tmp_path / "var" / "jobs.sqlite3")
+    assert len(rows) == len(accepted)
+    for key, job_id in accepted.items():
+        assert rows[job_id] == ("done", 1, key), rows[job_id]  # done, on the first attempt
+    with sqlite3.connect(tmp_path / "var" / "jobs.sqlite3") as conn:
+        results = [json.loads(r[0]) for r in conn.execute("SELECT result FROM jobs")]
+    assert all(len(r["scores"]) == 9 and abs(sum(r["scores"]) - 1) < 1e-4 for r in results)
