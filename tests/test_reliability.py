@@ -349,6 +349,17 @@ def _rows(db: Path) -> dict[str, tuple[str, int, str]]:
                 for r in conn.execute("SELECT id, status, attempts, key FROM jobs")}
 
 
+async def wait_drained(url: str, timeout: float, what: str) -> None:
+    """Wait until the daemon at `url` has nothing queued or running."""
+    async with aiohttp.ClientSession(url) as http:
+        async def idle() -> bool:
+            async with http.get("/v1/status") as r:
+                q = (await r.json())["queue"]
+                return bool(q["queued"] == 0 and q["running"] == 0)
+
+        await wait_for(idle, timeout, what)
+
+
 async def _post_many(url: str, bodies: list[tuple[str, bytes]], concurrency: int,
                      stop_after: int | None = None) -> tuple[dict[str, str], list[Any]]:
     """POST each (key, wav) with `concurrency` in flight.  Returns ({key: id} accepted,
@@ -403,16 +414,7 @@ def test_kill_9_front_end_during_an_upload_burst_loses_nothing(tmp_path: Path) -
 
     proc, url = _serve(cfg, env)
     try:
-        async def settle() -> None:
-            async with aiohttp.ClientSession(url) as http:
-                async def idle() -> bool:
-                    async with http.get("/v1/status") as r:
-                        q = (await r.json())["queue"]
-                        return bool(q["queued"] == 0 and q["running"] == 0)
-
-                await wait_for(idle, 30, "queue drained after restart")
-
-        run(settle())
+        run(wait_drained(url, 30, "queue drained after restart"))
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -627,16 +629,7 @@ def test_load_2000_submissions_at_concurrency_50(tmp_path: Path) -> None:
         accepted, other = run(_post_many(url, clips, concurrency))
         submit_s = time.monotonic() - t0
 
-        async def settle() -> None:
-            async with aiohttp.ClientSession(url) as http:
-                async def idle() -> bool:
-                    async with http.get("/v1/status") as r:
-                        q = (await r.json())["queue"]
-                        return bool(q["queued"] == 0 and q["running"] == 0)
-
-                await wait_for(idle, 60, "queue drained")
-
-        run(settle())
+        run(wait_drained(url, 60, "queue drained"))
         total_s = time.monotonic() - t0
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -677,16 +670,7 @@ def test_load_2000_submissions_real_worker_tiny_model(tmp_path: Path) -> None:
     try:
         accepted, other = run(_post_many(url, clips, concurrency))
 
-        async def settle() -> None:
-            async with aiohttp.ClientSession(url) as http:
-                async def idle() -> bool:
-                    async with http.get("/v1/status") as r:
-                        q = (await r.json())["queue"]
-                        return bool(q["queued"] == 0 and q["running"] == 0)
-
-                await wait_for(idle, 90, "queue drained")
-
-        run(settle())
+        run(wait_drained(url, 90, "queue drained"))
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
