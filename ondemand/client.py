@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,8 +18,6 @@ from ondemand.config import Config
 from ondemand.errors import OndemandError
 
 URL_ENV = "ONDEMAND_URL"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class ClientError(OndemandError):
@@ -31,24 +28,6 @@ class ClientError(OndemandError):
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
         super().__init__(message, code=code)
         self.status = status
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `30m`, `9h`, `1h30m`, `2d` -> seconds."""
-    t = text.strip().lower()
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(t):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(t) or not t:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 9h, 1h30m)")
-    return total
 
 
 def default_url(cfg: Config) -> str:

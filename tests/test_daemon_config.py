@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ondemand import config as config_mod
-from ondemand.client import parse_duration
 from ondemand.errors import ConfigError
+from ondemand.prewarm import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"server": config_mod.ServerConfig, "model": config_mod.ModelConfig,
@@ -37,7 +37,7 @@ def test_bad_values_name_the_key(key: str, value: object) -> None:
 
 
 def test_parse_duration() -> None:
-    assert parse_duration("90") == 90 and parse_duration("30m") == 1800
+    assert parse_duration("90s") == 90 and parse_duration("30m") == 1800
     assert parse_duration("9h") == 32400 and parse_duration("1h30m") == 5400
     with pytest.raises(ValueError):
         parse_duration("soon")

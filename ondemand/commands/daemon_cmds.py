@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=cmd_status)
 
     lo = sub.add_parser("load", help="load the model now (optionally keep it loaded)")
-    lo.add_argument("--hold", metavar="DURATION", default="0",
+    lo.add_argument("--hold", metavar="DURATION",
                     help="stay loaded at least this long: 90s, 30m, 9h, 1h30m")
     lo.add_argument("--no-wait", action="store_true", help="return before the load finishes")
     _client_args(lo)
@@ -141,10 +141,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from ondemand.client import parse_duration
+    from ondemand.prewarm import parse_duration
 
     try:
-        hold = parse_duration(args.hold)
+        hold = parse_duration(args.hold) if args.hold else 0.0
     except ValueError as e:
         raise OndemandError(f"--hold: {e}") from None
     _print(_client(args).load(hold_s=hold, wait=not args.no_wait))
