@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ondemand.client import Client
 from tests.conftest import (
@@ -43,10 +44,13 @@ def write_config(tmp_path: Path) -> Path:
     return cfg
 
 
-def start_serve(cfg: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def start_serve(
+    cfg: Path, env: dict[str, str], **popen: Any
+) -> tuple[subprocess.Popen[str], str]:
+    """`ondemand serve` in a subprocess; returns it and its URL once it is listening."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ondemand", "serve", "--config", str(cfg)],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, **popen,
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 30

@@ -133,10 +133,13 @@ def test_shutdown_escalates_to_sigkill_and_reaps(tmp_path: Path) -> None:
     async def main() -> None:
         cfg = daemon_config(tmp_path, worker={"stop_timeout_s": 0.5},
                             server={"stop_timeout_s": 0.2})
-        d = Daemon(cfg, env=fake_env(hang_batch="1", ignore_sigterm="1"))
+        log = tmp_path / "fake.log"
+        d = Daemon(cfg, env=fake_env(hang_batch="1", ignore_sigterm="1", log=str(log)))
         async with d:
             job = await d.submit(wav_bytes(0.5))
             await wait_for(lambda: d.sup.status()["in_flight"] == 1, 10, "batch running")
+            # the lease is granted before the batch reaches the worker: wait until it hangs in it
+            await wait_for(lambda: log.exists() and '"infer"' in log.read_text(), 10, "in batch")
             pid = d.sup.status()["pid"]
             t0 = time.monotonic()
         assert time.monotonic() - t0 < 5

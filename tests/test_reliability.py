@@ -21,7 +21,6 @@ import resource
 import signal
 import sqlite3
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -49,7 +48,7 @@ from tests.conftest import (
     wait_for,
     wav_bytes,
 )
-from tests.test_daemon_durability import SERVING
+from tests.test_daemon_durability import start_serve as _serve
 
 MAX_UPLOAD_MB = 0.25
 MAX_SECONDS = 5.0
@@ -311,24 +310,6 @@ def test_kill_9_worker_mid_batch_job_completes_after_retry(tmp_path: Path) -> No
             assert d.sup.spawns == 2 and not pid_alive(pid)
 
     run(main())
-
-
-def _serve(cfg: Path, env: dict[str, str], **popen: Any) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(cfg)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=env, **popen)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        m = SERVING.search(line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
-    proc.kill()
-    raise AssertionError("ondemand serve did not start")
 
 
 def _config(tmp: Path, extra: str = "") -> Path:
