@@ -297,10 +297,12 @@ def test_malformed_multipart_is_refused(live: LiveDaemon, junk: bytes, boundary:
 # -- faults --------------------------------------------------------------------------------------
 def test_kill_9_worker_mid_batch_job_completes_after_retry(tmp_path: Path) -> None:
     async def main() -> None:
-        async with Daemon(daemon_config(tmp_path), env=fake_env(infer_s="0.5")) as d:
+        log = tmp_path / "fake.log"
+        env = fake_env(infer_s="0.5", log=str(log))
+        async with Daemon(daemon_config(tmp_path), env=env) as d:
             job = await d.submit(wav_bytes(0.5))
-            await wait_for(lambda: d.sup.status()["in_flight"] == 1, 10, "batch running")
-            await asyncio.sleep(0.1)  # inside the batch
+            # inside the batch: the worker has logged it (a granted lease alone is not enough)
+            await wait_for(lambda: log.exists() and '"infer"' in log.read_text(), 10, "in batch")
             pid = d.sup.status()["pid"]
             os.kill(pid, signal.SIGKILL)
             done = await d.final(job["id"])
