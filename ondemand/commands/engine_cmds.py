@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    import numpy as np
+
     from ondemand.audio import decode
     from ondemand.model.engine import Clip, Engine
     from ondemand.model.resolve import resolve_model
@@ -114,8 +116,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
         for (i, _), pred in zip(clips, preds, strict=True):
             results[i] = pred.to_json()
             if args.embeddings_dir is not None and pred.embedding is not None:
-                import numpy as np
-
                 np.save(args.embeddings_dir / f"{pred.key}.npy", pred.embedding)
     t_done = time.perf_counter()
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ondemand.model.checkpoint import A, Arch
+from ondemand.model.checkpoint import Arch
 
 
 class Attention(nn.Module):
@@ -241,5 +241,3 @@ def expected_shapes(arch: Arch) -> dict[str, torch.Size]:
         net = Emotion2vec(arch)
     return {k: v.shape for k, v in net.state_dict().items()}
 
-
-__all__ = ["A", "Emotion2vec", "alibi_slopes", "expected_shapes"]
