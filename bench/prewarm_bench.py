@@ -36,11 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ondemand import config as config_mod  # noqa: E402
-from ondemand.events import ModelLoaded, StateChanged  # noqa: E402
-from ondemand.prewarm import build_rules, lead_s  # noqa: E402
-from ondemand.server import api, prewarm_api  # noqa: E402
-from ondemand.server.app import build_app  # noqa: E402
-from ondemand.supervisor import make_spawn, worker_env  # noqa: E402
+from ondemand.daemon import api  # noqa: E402
+from ondemand.daemon.app import build_app  # noqa: E402
+from ondemand.daemon.events import ModelLoaded, StateChanged  # noqa: E402
+from ondemand.daemon.supervisor import make_spawn, worker_env  # noqa: E402
+from ondemand.prewarm import api as prewarm_api  # noqa: E402
+from ondemand.prewarm.rules import build_rules, lead_s  # noqa: E402
 
 TINY = Path("/work/shared/golden/emotion2vec-tiny/model")
 

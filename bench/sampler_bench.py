@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ondemand import cost
 from ondemand.config import CostConfig, WorkerConfig
+from ondemand.cost import report as cost
+from ondemand.cost.ledger import IdleCause, Ledger, Phase, Trigger, connect, read_intervals
+from ondemand.cost.metrics import Metrics
+from ondemand.cost.sampler import Reading, Sampler
 from ondemand.gpu import open_probe
-from ondemand.ledger import IdleCause, Ledger, Phase, Trigger, connect, read_intervals
-from ondemand.metrics import Metrics
-from ondemand.sampler import Reading, Sampler
 
 STATES = ["cold", "starting", "loading", "ready", "unloading", "unloaded", "stopping", "backoff"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ondemand.errors import ConfigError
-from ondemand.prewarm import PrewarmRule, build_rules
+from ondemand.prewarm.rules import PrewarmRule, build_rules
 
 Check = Callable[[Any], str | None]
 T = TypeVar("T")

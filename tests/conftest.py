@@ -21,11 +21,11 @@ import soundfile as sf
 from aiohttp import web
 
 from ondemand import config as config_mod
-from ondemand.events import Event
+from ondemand.daemon import api
+from ondemand.daemon.app import build_app
+from ondemand.daemon.events import Event
+from ondemand.daemon.supervisor import Supervisor, make_spawn
 from ondemand.gpu import PsutilProbe
-from ondemand.server import api
-from ondemand.server.app import build_app
-from ondemand.supervisor import Supervisor, make_spawn
 
 TESTS = Path(__file__).resolve().parent
 FAKE_WORKER = TESTS / "fake_worker.py"
@@ -156,6 +156,6 @@ class Daemon:
         await wait_for(lambda: self.sup.state.value == state, timeout, f"worker {state}")
 
     def states(self) -> list[str]:
-        from ondemand.events import StateChanged
+        from ondemand.daemon.events import StateChanged
 
         return [e.new for e in self.events if isinstance(e, StateChanged)]

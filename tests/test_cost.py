@@ -12,13 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ondemand import config as config_mod
-from ondemand import cost
-from ondemand.accounting import Accounting
 from ondemand.config import CostConfig, WorkerConfig
+from ondemand.cost import report as cost
+from ondemand.cost.accounting import Accounting
+from ondemand.cost.ledger import IdleCause, Interval, Ledger, Phase, Trigger
+from ondemand.daemon.events import EventBus, ModelLoaded, StateChanged, WorkerActivity
 from ondemand.errors import ConfigError
-from ondemand.events import EventBus, ModelLoaded, StateChanged, WorkerActivity
 from ondemand.gpu import GpuSample
-from ondemand.ledger import IdleCause, Interval, Ledger, Phase, Trigger
 
 DAY = 86400.0
 T0 = 1_700_000_000.0 - (1_700_000_000.0 % DAY)  # a UTC midnight (2023-11-14)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ondemand.events import StateChanged
+from ondemand.daemon.events import StateChanged
 from tests import golden
 from tests.conftest import Daemon, daemon_config, fake_env, wait_for, wav_bytes
 

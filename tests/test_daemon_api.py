@@ -21,7 +21,7 @@ def run(coro):  # type: ignore[no-untyped-def]
 def test_front_end_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "import ondemand.server.app, ondemand.commands.daemon_cmds, ondemand.client\n"
+        "import ondemand.daemon.app, ondemand.commands.daemon_cmds, ondemand.client\n"
         "import ondemand.cli; ondemand.cli.build_parser()\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print('ok')\n"

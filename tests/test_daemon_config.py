@@ -10,7 +10,7 @@ import pytest
 
 from ondemand import config as config_mod
 from ondemand.errors import ConfigError
-from ondemand.prewarm import parse_duration
+from ondemand.prewarm.rules import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"server": config_mod.ServerConfig, "model": config_mod.ModelConfig,

@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from ondemand.events import StateChanged, WorkerExited
-from ondemand.supervisor import TRANSITIONS, WorkerState
+from ondemand.daemon.events import StateChanged, WorkerExited
+from ondemand.daemon.supervisor import TRANSITIONS, WorkerState
 from tests.conftest import Daemon, daemon_config, fake_env, pid_alive, wait_for, wav_bytes
 
 
@@ -146,7 +146,7 @@ def test_shutdown_escalates_to_sigkill_and_reaps(tmp_path: Path) -> None:
         (ex,) = exits(d)
         assert ex.pid == pid and ex.kind == "stop_escalated" and not pid_alive(pid)
         # the interrupted job went back to the queue without spending an attempt
-        from ondemand.store import Store
+        from ondemand.daemon.store import Store
 
         store = Store(tmp_path, max_pending=10)
         await store.open()

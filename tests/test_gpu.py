@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from ondemand import gpu
+from ondemand.cost.ledger import Phase
+from ondemand.cost.sampler import Reading, Sampler
 from ondemand.gpu import GpuSample, NvmlProbe, PsutilProbe, gpu_index, open_probe
-from ondemand.ledger import Phase
-from ondemand.sampler import Reading, Sampler
 
 
 def nvml_works() -> bool:

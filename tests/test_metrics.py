@@ -5,10 +5,10 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from ondemand.cost.ledger import Phase, Trigger
+from ondemand.cost.metrics import Metrics
+from ondemand.cost.sampler import Reading
 from ondemand.gpu import GpuSample
-from ondemand.ledger import Phase, Trigger
-from ondemand.metrics import Metrics
-from ondemand.sampler import Reading
 
 STATES = ["cold", "starting", "loading", "ready", "unloading", "unloaded", "stopping", "backoff"]
 # The names, as sample names in the text format (counters carry _total).

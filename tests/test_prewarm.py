@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ondemand import config as config_mod
 from ondemand.errors import ConfigError
-from ondemand.prewarm import (
+from ondemand.prewarm.rules import (
     PrewarmRule,
     fires,
     lead_s,
@@ -30,7 +30,7 @@ from ondemand.prewarm import (
     wall_to_instant,
     window_end,
 )
-from ondemand.prewarm_scheduler import PrewarmScheduler
+from ondemand.prewarm.scheduler import PrewarmScheduler
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from ondemand import config as config_mod
-from ondemand.events import ModelLoaded, StateChanged
-from ondemand.prewarm import build_rules
-from ondemand.server import prewarm_api
-from ondemand.server.service import status_text
+from ondemand.daemon.events import ModelLoaded, StateChanged
+from ondemand.daemon.service import status_text
+from ondemand.prewarm import api as prewarm_api
+from ondemand.prewarm.rules import build_rules
 from tests.conftest import Daemon, daemon_config, fake_env, wait_for
 
 LOAD_S = 0.4  # the fake worker's load time

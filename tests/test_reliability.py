@@ -36,8 +36,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ondemand.audio import decode
+from ondemand.daemon.events import WorkerExited
 from ondemand.errors import AudioError
-from ondemand.events import WorkerExited
 from tests.conftest import (
     FAKE_WORKER,
     GOLDEN,
@@ -418,7 +418,7 @@ def test_full_disk_while_spooling_injected_enospc(tmp_path: Path,
     """The spool writer hits ENOSPC half way through the file (what a full disk does)."""
     import errno
 
-    from ondemand import store as store_mod
+    from ondemand.daemon import store as store_mod
 
     real_save = np.save
     full = {"on": True}

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 import ondemand
+from ondemand.daemon import app as app_mod
+from ondemand.daemon.app import check_bind
 from ondemand.errors import ConfigError
-from ondemand.server import app as app_mod
-from ondemand.server.app import check_bind
 from tests.conftest import Daemon, daemon_config, fake_env, wav_bytes
 
 TOKEN = "s3cret-token-for-tests_0123456789"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ondemand import config as config_mod
-from ondemand.sdnotify import Notifier
+from ondemand.daemon.sdnotify import Notifier
 from tests.conftest import fake_env, wav_bytes
 from tests.test_reliability import _config, _serve
 
@@ -234,7 +234,7 @@ def test_install_into_a_prefix_is_idempotent_and_uninstall_keeps_data(tmp_path: 
     envf = root / "etc/ondemand/ondemand.env"
     unit = root / "etc/systemd/system/ondemand.service"
     assert unit.read_text() == SERVICE.read_text()
-    assert (root / "opt/ondemand/src/ondemand/server/app.py").is_file()
+    assert (root / "opt/ondemand/src/ondemand/daemon/app.py").is_file()
     assert not (root / "opt/ondemand/src/.venv").exists()
     cfg = config_mod.load(conf)  # the installed config is valid and points at the state dir
     assert cfg.storage.dir == "/var/lib/ondemand" and cfg.server.host == "127.0.0.1"
@@ -268,6 +268,6 @@ def test_install_refuses_without_root_when_not_staging() -> None:
 
 
 def test_sdnotify_module_stays_torch_free() -> None:
-    code = ("import sys, ondemand.sdnotify, ondemand.server.service\n"
+    code = ("import sys, ondemand.daemon.sdnotify, ondemand.daemon.service\n"
             "assert 'torch' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ondemand import config as config_mod
-from ondemand import cost
+from ondemand.cost import report as cost
+from ondemand.cost.ledger import LEDGER_FILE
 from ondemand.errors import OndemandError
-from ondemand.ledger import LEDGER_FILE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +54,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
-    from ondemand.server.cost_api import cost_document
+    from ondemand.cost.api import cost_document
 
     path = Path(cfg.storage.dir) / LEDGER_FILE
     if not path.is_file():

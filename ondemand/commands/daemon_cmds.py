@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ondemand.server.app import serve
+    from ondemand.daemon.app import serve
 
     cfg = _config(args)
     if args.model:
@@ -141,7 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from ondemand.prewarm import parse_duration
+    from ondemand.prewarm.rules import parse_duration
 
     try:
         hold = parse_duration(args.hold) if args.hold else 0.0

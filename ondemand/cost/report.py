@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ondemand.config import CostConfig, WorkerConfig
-from ondemand.ledger import IdleCause, Interval, Phase, Trigger
+from ondemand.cost.ledger import IdleCause, Interval, Phase, Trigger
 
 DAY_S = 86400.0
 J_PER_KWH = 3.6e6

@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ondemand import cost
 from ondemand.config import CostConfig, WorkerConfig
-from ondemand.events import (
+from ondemand.cost import report as cost
+from ondemand.cost.ledger import IdleCause, Ledger, Phase, Trigger
+from ondemand.cost.metrics import Metrics
+from ondemand.cost.sampler import Reading, Sampler
+from ondemand.daemon.events import (
     EventBus,
     JobFinished,
     ModelLoaded,
@@ -34,11 +37,8 @@ from ondemand.events import (
     WorkerActivity,
     WorkerExited,
 )
+from ondemand.daemon.supervisor import WorkerState
 from ondemand.gpu import GpuProbe, gpu_index
-from ondemand.ledger import IdleCause, Ledger, Phase, Trigger
-from ondemand.metrics import Metrics
-from ondemand.sampler import Reading, Sampler
-from ondemand.supervisor import WorkerState
 
 log = logging.getLogger(__name__)
 

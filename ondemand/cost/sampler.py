@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ondemand.cost.ledger import Phase
 from ondemand.gpu import GpuProbe, GpuSample
-from ondemand.ledger import Phase
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from ondemand.config import PrewarmLeadConfig
-from ondemand.prewarm import PrewarmRule, local_zone, next_fire, window_end
-from ondemand.prewarm import lead_s as compute_lead
+from ondemand.prewarm.rules import PrewarmRule, local_zone, next_fire, window_end
+from ondemand.prewarm.rules import lead_s as compute_lead
 
 log = logging.getLogger(__name__)
 

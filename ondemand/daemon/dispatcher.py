@@ -32,9 +32,15 @@ from typing import Any
 from ondemand import batching
 from ondemand.audio import SAMPLE_RATE
 from ondemand.config import QueueConfig, WorkerConfig
-from ondemand.events import EventBus, JobFinished
-from ondemand.store import DONE, FAILED, Job, Store
-from ondemand.supervisor import BatchFailed, Lease, Supervisor, WorkerCrashed, WorkerUnavailable
+from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.store import DONE, FAILED, Job, Store
+from ondemand.daemon.supervisor import (
+    BatchFailed,
+    Lease,
+    Supervisor,
+    WorkerCrashed,
+    WorkerUnavailable,
+)
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
-from ondemand.ledger import Phase, Trigger
-from ondemand.sampler import Reading
+from ondemand.cost.ledger import Phase, Trigger
+from ondemand.cost.sampler import Reading
 
 LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)

@@ -19,15 +19,15 @@ from typing import Any
 
 from aiohttp import web
 
-from ondemand import cost
-from ondemand.accounting import Accounting
 from ondemand.config import Config
+from ondemand.cost import report as cost
+from ondemand.cost.accounting import Accounting
+from ondemand.cost.ledger import Ledger, connect, read_intervals
+from ondemand.cost.metrics import CONTENT_TYPE
+from ondemand.daemon import api
+from ondemand.daemon.http import BadRequest
+from ondemand.daemon.store import QUEUED
 from ondemand.gpu import GpuProbe, open_probe
-from ondemand.ledger import Ledger, connect, read_intervals
-from ondemand.metrics import CONTENT_TYPE
-from ondemand.server import api
-from ondemand.server.http_errors import BadRequest
-from ondemand.store import QUEUED
 
 GPU: web.AppKey[Any] = web.AppKey("gpu_probe")
 ACCOUNTING = web.AppKey("accounting", Accounting)

@@ -21,9 +21,9 @@ import logging
 
 from aiohttp import web
 
-from ondemand.events import JobFinished, StateChanged
-from ondemand.sdnotify import Notifier
-from ondemand.server import api
+from ondemand.daemon import api
+from ondemand.daemon.events import JobFinished, StateChanged
+from ondemand.daemon.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,16 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ondemand.config import Config
-from ondemand.dispatcher import Dispatcher
+from ondemand.cost import api as cost_api
+from ondemand.daemon import api
+from ondemand.daemon.dispatcher import Dispatcher
+from ondemand.daemon.events import EventBus
+from ondemand.daemon.http import Handler, Unauthorized, error_middleware, response_for
+from ondemand.daemon.store import Store
+from ondemand.daemon.supervisor import Spawn, Supervisor
 from ondemand.errors import ConfigError
-from ondemand.events import EventBus
 from ondemand.gpu import GpuProbe
-from ondemand.server import api, cost_api, prewarm_api
-from ondemand.server.http_errors import Handler, Unauthorized, error_middleware, response_for
-from ondemand.store import Store
-from ondemand.supervisor import Spawn, Supervisor
+from ondemand.prewarm import api as prewarm_api
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +151,11 @@ async def drain(app: web.Application) -> None:
 async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly).
     Under systemd (Type=notify) it sends READY=1 once listening, STATUS= lines, watchdog pings
-    and STOPPING=1 (ondemand/server/service.py)."""
+    and STOPPING=1 (ondemand/daemon/service.py)."""
     import signal
 
-    from ondemand.sdnotify import Notifier
-    from ondemand.server.service import ServiceNotifier
+    from ondemand.daemon.sdnotify import Notifier
+    from ondemand.daemon.service import ServiceNotifier
 
     check_bind(cfg)
     app = build_app(cfg)

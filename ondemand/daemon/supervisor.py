@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ondemand.config import ModelConfig, WorkerConfig
+from ondemand.daemon.events import EventBus, ModelLoaded, StateChanged, WorkerActivity, WorkerExited
 from ondemand.errors import OndemandError
-from ondemand.events import EventBus, ModelLoaded, StateChanged, WorkerActivity, WorkerExited
 from ondemand.gpu import GpuProbe, gpu_index
 
 log = logging.getLogger(__name__)

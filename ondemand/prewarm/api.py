@@ -24,10 +24,10 @@ from typing import Any
 from aiohttp import web
 
 from ondemand.config import Config
-from ondemand.events import ModelLoaded
-from ondemand.ledger import LEDGER_FILE, Phase, connect, read_intervals
-from ondemand.prewarm_scheduler import PrewarmScheduler, utc_now, zone_name
-from ondemand.server import api
+from ondemand.cost.ledger import LEDGER_FILE, Phase, connect, read_intervals
+from ondemand.daemon import api
+from ondemand.daemon.events import ModelLoaded
+from ondemand.prewarm.scheduler import PrewarmScheduler, utc_now, zone_name
 
 log = logging.getLogger(__name__)
 

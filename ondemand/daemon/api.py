@@ -22,11 +22,10 @@ from aiohttp import BodyPartReader, web
 
 from ondemand.audio import decode
 from ondemand.config import Config
-from ondemand.dispatcher import Dispatcher
-from ondemand.errors import AudioError, OndemandError
-from ondemand.events import EventBus, JobFinished
-from ondemand.server.http_errors import BadRequest
-from ondemand.store import (
+from ondemand.daemon.dispatcher import Dispatcher
+from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.http import BadRequest
+from ondemand.daemon.store import (
     FINAL,
     QUEUED,
     Job,
@@ -35,7 +34,8 @@ from ondemand.store import (
     Store,
     fsync_write_npy,
 )
-from ondemand.supervisor import Supervisor, WorkerUnavailable
+from ondemand.daemon.supervisor import Supervisor, WorkerUnavailable
+from ondemand.errors import AudioError, OndemandError
 
 CHUNK = 1 << 16
 MAX_FIELD_BYTES = 4096
