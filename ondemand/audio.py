@@ -23,7 +23,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from ondemand.errors import AudioError
+from ondemand.errors import (
+    AudioEmpty,
+    AudioError,
+    AudioNonFinite,
+    AudioTooLong,
+    AudioTooShort,
+    AudioUndecodable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +75,23 @@ def _decode_file(fh: BinaryIO, max_seconds: float) -> Decoded:
         _check_length(announced, rate, max_seconds)
         mono = _read_mono(f)
     if announced - mono.size > TRUNCATION_SLACK * announced:
-        raise AudioError(
+        raise AudioUndecodable(
             f"the audio data ends early ({mono.size} of the {announced} frames its header "
             f"announces): the file is truncated or corrupt. Send the complete file ({ACCEPTED}).",
-            code="undecodable",
         )
     if mono.size == 0:
         raise _empty()
     if not np.isfinite(mono).all():
-        raise AudioError(
+        raise AudioNonFinite(
             "the audio contains NaN or infinite sample values; send finite samples "
             "(float audio is expected in [-1, 1]).",
-            code="non_finite",
         )
     samples = _resample(mono, rate)
     if samples.size < MIN_SAMPLES:
-        raise AudioError(
+        raise AudioTooShort(
             f"the audio is too short: {samples.size / SAMPLE_RATE * 1000:.1f} ms "
             f"({samples.size} samples at 16 kHz); the minimum is "
             f"{MIN_SAMPLES * 1000 // SAMPLE_RATE} ms ({MIN_SAMPLES} samples at 16 kHz).",
-            code="too_short",
         )
     log.debug("audio decoded rate=%d channels=%d samples=%d", rate, channels, samples.size)
     return Decoded(samples, rate, channels, samples.size / SAMPLE_RATE)
@@ -112,11 +116,10 @@ def _check_wav_data_size(fh: BinaryIO) -> None:
             if size not in (0, 0xFFFFFFFF) and size > present:
                 if present <= 0:
                     raise _empty()
-                raise AudioError(
+                raise AudioUndecodable(
                     f"the WAV header announces {size} bytes of audio data but the file holds "
                     f"only {present}: the upload is truncated or the header is wrong. Send the "
                     "complete file.",
-                    code="undecodable",
                 )
             return
         offset += 8 + size + (size & 1)
@@ -136,10 +139,9 @@ def _check_length(frames: int, rate: int, max_seconds: float) -> None:
         raise _undecodable(f"invalid sample rate {rate}")
     seconds = frames / rate
     if seconds > max_seconds:
-        raise AudioError(
+        raise AudioTooLong(
             f"the audio is too long: {seconds:.1f} s; the maximum is {max_seconds:g} s. "
             "Split it into shorter clips.",
-            code="too_long",
         )
 
 
@@ -170,15 +172,15 @@ def _resample(mono: np.ndarray, rate: int) -> np.ndarray:
 
 
 def _empty() -> AudioError:
-    return AudioError(
-        f"the audio is empty (no samples); send a non-empty {ACCEPTED} file.", code="empty"
+    return AudioEmpty(
+        f"the audio is empty (no samples); send a non-empty {ACCEPTED} file."
     )
 
 
 def _undecodable(reason: str) -> AudioError:
     reason = " ".join(str(reason).split())[:200]
-    return AudioError(
-        f"could not decode the audio ({reason}); accepted: {ACCEPTED}.", code="undecodable"
+    return AudioUndecodable(
+        f"could not decode the audio ({reason}); accepted: {ACCEPTED}."
     )
 
 
@@ -199,12 +201,12 @@ def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
         with open(path, "rb") as fh:
             arr = np.load(fh, allow_pickle=False)
     except (ValueError, EOFError) as e:
-        raise AudioError(
-            "the spooled audio file is corrupt (not a .npy array)", code="undecodable"
+        raise AudioUndecodable(
+            "the spooled audio file is corrupt (not a .npy array)"
         ) from e
     if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 1:
         got = f"{arr.ndim}-D {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise AudioError(
-            f"the spooled audio must be a 1-D float32 array, got {got}", code="undecodable"
+        raise AudioUndecodable(
+            f"the spooled audio must be a 1-D float32 array, got {got}"
         )
     return arr

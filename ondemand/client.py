@@ -1,7 +1,8 @@
 """A small synchronous client for the daemon's HTTP API v1 (stdlib only: no torch, no aiohttp).
 
 Used by `ondemand submit/status/load/unload` and the benchmarks.  Server errors arrive as
-`ClientError` with the server's stable code and message."""
+`RemoteError` with the server's stable code and message; no answer at all is
+`DaemonUnreachable`."""
 
 from __future__ import annotations
 
@@ -15,19 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ondemand.config import Config
-from ondemand.errors import OndemandError
+from ondemand.errors import DaemonUnreachable, RemoteError
 
 URL_ENV = "ONDEMAND_URL"
-
-
-class ClientError(OndemandError):
-    """An error answer from the daemon (code and message are the server's) or no answer."""
-
-    code = "client"
-
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
-        super().__init__(message, code=code)
-        self.status = status
 
 
 def default_url(cfg: Config) -> str:
@@ -74,9 +65,9 @@ class Client:
             raise _server_error(e) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ClientError(
+            raise DaemonUnreachable(
                 f"cannot reach the daemon at {self.url} ({reason}); is `ondemand serve` "
-                f"running? (set --url or {URL_ENV})", code="unreachable") from None
+                f"running? (set --url or {URL_ENV})") from None
         return data if raw else json.loads(data)
 
     # -- API --------------------------------------------------------------------------------
@@ -121,7 +112,7 @@ class Client:
                             content_type="application/json")
 
 
-def _server_error(e: urllib.error.HTTPError) -> ClientError:
+def _server_error(e: urllib.error.HTTPError) -> RemoteError:
     try:
         err = json.loads(e.read())["error"]
         code, message = str(err["code"]), str(err["message"])
@@ -130,4 +121,4 @@ def _server_error(e: urllib.error.HTTPError) -> ClientError:
     retry = e.headers.get("Retry-After") if e.headers else None
     if retry:
         message += f" (retry after {retry}s)"
-    return ClientError(message, code=code, status=e.code)
+    return RemoteError(message, remote_code=code, http_status=e.code)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ondemand import config as config_mod
+from ondemand.durations import parse_duration
 from ondemand.errors import ConfigError
 from ondemand.prewarm.rules import (
     PrewarmRule,
@@ -24,7 +25,6 @@ from ondemand.prewarm.rules import (
     lead_s,
     local_zone,
     next_fire,
-    parse_duration,
     percentile,
     prev_fire,
     wall_to_instant,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ondemand import config as config_mod
-from ondemand.errors import OndemandError
+from ondemand.errors import OndemandError, RemoteError
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
@@ -88,8 +88,6 @@ def _print(obj: Any) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ondemand.client import ClientError
-
     client = _client(args)
     wait = args.wait or args.embeddings_dir is not None
     if args.embeddings_dir is not None:
@@ -110,10 +108,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 data = client.embedding(job["id"])
                 (args.embeddings_dir / f"{key}.npy").write_bytes(data)
             return dict(job["result"])
-        except ClientError as e:
-            if e.code == "unreachable":
-                raise
-            return {"key": key, "file": name, "error": {"code": e.code, "message": e.message}}
+        except RemoteError as e:
+            return {"key": key, "file": name,
+                    "error": {"code": e.remote_code, "message": e.message}}
         except OSError as e:
             return {"key": key, "file": name,
                     "error": {"code": "unreadable", "message": f"cannot read {name}: {e.strerror}"}}
@@ -141,7 +138,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from ondemand.prewarm.rules import parse_duration
+    from ondemand.durations import parse_duration
 
     try:
         hold = parse_duration(args.hold) if args.hold else 0.0

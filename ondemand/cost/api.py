@@ -25,8 +25,8 @@ from ondemand.cost.accounting import Accounting
 from ondemand.cost.ledger import Ledger, connect, read_intervals
 from ondemand.cost.metrics import CONTENT_TYPE
 from ondemand.daemon import api
-from ondemand.daemon.http import BadRequest
 from ondemand.daemon.store import QUEUED
+from ondemand.errors import BadRequest
 from ondemand.gpu import GpuProbe, open_probe
 
 GPU: web.AppKey[Any] = web.AppKey("gpu_probe")

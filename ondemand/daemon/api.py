@@ -1,4 +1,4 @@
-"""HTTP API v1 handlers.  Errors are raised as OndemandError and rendered by http_errors.
+"""HTTP API v1 handlers.  Errors are raised as OndemandError and rendered by daemon/http.py.
 
 Submission path (the only hot path): read the upload under `server.max_upload_mb`, decode and
 validate it in a thread (so bad input never reaches the queue, let alone the GPU), spool the
@@ -24,18 +24,24 @@ from ondemand.audio import decode
 from ondemand.config import Config
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus, JobFinished
-from ondemand.daemon.http import BadRequest
 from ondemand.daemon.store import (
     FINAL,
     QUEUED,
     Job,
-    JobConflict,
-    JobNotFound,
     Store,
     fsync_write_npy,
 )
-from ondemand.daemon.supervisor import Supervisor, WorkerUnavailable
-from ondemand.errors import AudioError, OndemandError
+from ondemand.daemon.supervisor import Supervisor
+from ondemand.errors import (
+    AudioTooShort,
+    BadRequest,
+    JobConflict,
+    JobNotFound,
+    ShuttingDown,
+    StorageFull,
+    UnsupportedMediaType,
+    UploadTooLarge,
+)
 
 CHUNK = 1 << 16
 MAX_FIELD_BYTES = 4096
@@ -102,10 +108,6 @@ def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
     return n
 
 
-class StorageFull(OndemandError):
-    code = "insufficient_storage"
-
-
 def _storage_error(e: OSError) -> Exception:
     """Spooling failed.  Out of space (ENOSPC, EDQUOT, EFBIG: a file size limit) is a clear
     507 that says nothing was queued; anything else stays a logged 500."""
@@ -118,10 +120,10 @@ def _storage_error(e: OSError) -> Exception:
     return e
 
 
-def _too_large(limit_mb: float) -> AudioError:
-    return AudioError(
+def _too_large(limit_mb: float) -> UploadTooLarge:
+    return UploadTooLarge(
         f"the upload is larger than the limit of {limit_mb:g} MB (server.max_upload_mb); "
-        "send a shorter or compressed clip", code="too_large")
+        "send a shorter or compressed clip")
 
 
 async def _read_limited(
@@ -167,16 +169,16 @@ async def read_upload(request: web.Request, limit_mb: float) -> tuple[bytes, str
         return audio, filename, fields
     if ctype.startswith("audio/") or ctype == "application/octet-stream":
         return await _read_limited(request.content.read, limit, limit_mb), "", {}
-    raise AudioError(
+    raise UnsupportedMediaType(
         f"unsupported content type {ctype or '(none)'!r}: send the audio as a multipart field "
-        "`audio` or as a raw body with an audio/* content type", code="unsupported_media_type")
+        "`audio` or as a raw body with an audio/* content type")
 
 
 def refuse_if_draining(app: web.Application) -> None:
     if app[DRAINING].is_set():
-        raise WorkerUnavailable(
+        raise ShuttingDown(
             "the daemon is shutting down; retry in a few seconds (queued jobs are kept)",
-            code="shutting_down", retry_after_s=DRAIN_RETRY_AFTER_S)
+            retry_after_s=DRAIN_RETRY_AFTER_S)
 
 
 def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, str]:
@@ -202,9 +204,9 @@ async def submit(request: web.Request) -> tuple[Job, int]:
     decoded = await loop.run_in_executor(
         None, functools.partial(decode, data, max_seconds=cfg.audio.max_seconds))
     if decoded.duration_s < cfg.audio.min_seconds:
-        raise AudioError(
+        raise AudioTooShort(
             f"the audio is too short: {decoded.duration_s * 1000:.1f} ms; the minimum is "
-            f"{cfg.audio.min_seconds * 1000:g} ms (audio.min_seconds)", code="too_short")
+            f"{cfg.audio.min_seconds * 1000:g} ms (audio.min_seconds)")
     job_id = secrets.token_urlsafe(16)
     job = Job(id=job_id, status=QUEUED, key=key or PurePath(filename).stem or job_id,
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,

@@ -30,10 +30,10 @@ from ondemand.cost import api as cost_api
 from ondemand.daemon import api
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
-from ondemand.daemon.http import Handler, Unauthorized, error_middleware, response_for
+from ondemand.daemon.http import Handler, error_middleware, response_for
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
-from ondemand.errors import ConfigError
+from ondemand.errors import ConfigError, Unauthorized
 from ondemand.gpu import GpuProbe
 from ondemand.prewarm import api as prewarm_api
 

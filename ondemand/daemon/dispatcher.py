@@ -34,13 +34,8 @@ from ondemand.audio import SAMPLE_RATE
 from ondemand.config import QueueConfig, WorkerConfig
 from ondemand.daemon.events import EventBus, JobFinished
 from ondemand.daemon.store import DONE, FAILED, Job, Store
-from ondemand.daemon.supervisor import (
-    BatchFailed,
-    Lease,
-    Supervisor,
-    WorkerCrashed,
-    WorkerUnavailable,
-)
+from ondemand.daemon.supervisor import Lease, Supervisor
+from ondemand.errors import OndemandError, WorkerCrashed, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +192,9 @@ class Dispatcher:
         t0 = time.monotonic()
         try:
             answer = await lease.infer(request)
-        except BatchFailed as e:
+        except (WorkerCrashed, WorkerUnavailable):
+            raise
+        except OndemandError as e:  # the worker's batch_failed: out_of_memory splits the batch
             if len(batch) > 1:
                 half = len(batch) // 2
                 log.warning("batch %s failed (%s) with %d jobs: retrying as %d + %d",

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ondemand.errors import OndemandError
+from ondemand.errors import JobConflict, JobNotFound, QueueFull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,24 +62,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
 """
-
-
-class QueueFull(OndemandError):
-    code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class JobNotFound(OndemandError):
-    code = "not_found"
-
-
-class JobConflict(OndemandError):
-    """The job is in a state that does not allow the request (e.g. deleting a running job)."""
-
-    code = "conflict"
 
 
 @dataclass

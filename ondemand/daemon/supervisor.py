@@ -39,39 +39,13 @@ from typing import Any
 
 from ondemand.config import ModelConfig, WorkerConfig
 from ondemand.daemon.events import EventBus, ModelLoaded, StateChanged, WorkerActivity, WorkerExited
-from ondemand.errors import OndemandError
+from ondemand.errors import LoadFailed, WorkerCrashed, WorkerUnavailable, from_code
 from ondemand.gpu import GpuProbe, gpu_index
 
 log = logging.getLogger(__name__)
 
 STREAM_LIMIT = 16 * 1024 * 1024  # longest protocol line we accept from the worker
 RELEASE_POLL_S = 0.25  # NVML poll period while waiting for GPU memory to come back (Ollama)
-
-
-class WorkerUnavailable(OndemandError):
-    """The worker cannot take work now (backing off after load failures, shutting down)."""
-
-    code = "worker_unavailable"
-
-    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float = 5.0):
-        super().__init__(message, code=code)
-        self.retry_after_s = retry_after_s
-
-
-class LoadFailed(WorkerUnavailable):
-    code = "load_failed"
-
-
-class WorkerCrashed(OndemandError):
-    """The worker process ended while a batch was in flight; its jobs may be retried."""
-
-    code = "worker_crashed"
-
-
-class BatchFailed(OndemandError):
-    """The worker answered `batch_failed` (code `out_of_memory`: retry smaller)."""
-
-    code = "batch_failed"
 
 
 class WorkerState(enum.StrEnum):
@@ -209,8 +183,8 @@ class Lease:
 
     async def infer(self, request: dict[str, Any]) -> dict[str, Any]:
         """Send an `infer` op (see docs/design.md) and return the worker's `result` event
-        (`results`, `seconds`).  Raises WorkerCrashed when the worker dies under it,
-        BatchFailed on `batch_failed`."""
+        (`results`, `seconds`).  Raises WorkerCrashed when the worker dies under it, and the
+        error the worker named (errors.from_code) on `batch_failed`."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._sup._post(_Infer(request, fut))
         return await fut
@@ -581,8 +555,8 @@ class Supervisor:
             if event == "result":
                 fut.set_result(msg.msg)
             else:
-                fut.set_exception(BatchFailed(str(msg.msg.get("message", "")),
-                                              code=str(msg.msg.get("code", "batch_failed"))))
+                fut.set_exception(from_code(str(msg.msg.get("code", "internal")),
+                                            str(msg.msg.get("message", ""))))
         else:
             log.warning("worker pid=%d unexpected %s in state %s", proc.pid, event, self.state)
 
