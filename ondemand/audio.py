@@ -185,28 +185,3 @@ def _undecodable(reason: str) -> AudioError:
 
 
 # --- spooled audio: the validated 16 kHz float32 samples the daemon hands to the worker --------
-
-
-def save_npy(path: str | os.PathLike[str], samples: np.ndarray) -> None:
-    """Write decoded samples as `.npy` at exactly `path` (np.save would append `.npy` to a str)."""
-    if samples.dtype != np.float32 or samples.ndim != 1:
-        raise ValueError(f"spooled audio must be 1-D float32, got {samples.ndim}-D {samples.dtype}")
-    with open(path, "wb") as fh:
-        np.save(fh, samples, allow_pickle=False)
-
-
-def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read spooled samples; anything but a 1-D float32 array is refused (no pickles)."""
-    try:
-        with open(path, "rb") as fh:
-            arr = np.load(fh, allow_pickle=False)
-    except (ValueError, EOFError) as e:
-        raise AudioUndecodable(
-            "the spooled audio file is corrupt (not a .npy array)"
-        ) from e
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.ndim != 1:
-        got = f"{arr.ndim}-D {arr.dtype}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise AudioUndecodable(
-            f"the spooled audio must be a 1-D float32 array, got {got}"
-        )
-    return arr

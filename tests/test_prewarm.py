@@ -21,7 +21,6 @@ from ondemand.durations import parse_duration
 from ondemand.errors import ConfigError
 from ondemand.prewarm.rules import (
     PrewarmRule,
-    fires,
     lead_s,
     local_zone,
     next_fire,
@@ -33,6 +32,17 @@ from ondemand.prewarm.rules import (
 from ondemand.prewarm.scheduler import PrewarmScheduler
 
 BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def fires(
+    rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC
+) -> Iterator[datetime]:
+    """Every fire instant in (start, end] (test helper over next_fire)."""
+    t = next_fire(rule, start, local)
+    while t <= end:
+        yield t
+        t = next_fire(rule, t, local)
+
 NEW_YORK = ZoneInfo("America/New_York")
 TOKYO = ZoneInfo("Asia/Tokyo")
 

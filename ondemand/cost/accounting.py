@@ -144,18 +144,6 @@ class Accounting:
         finally:
             self.sampler.stop()
 
-    # -- the cost document (GET /v1/cost, `ondemand cost`) --------------------------------
-    def document(self, since: float | None = None, until: float | None = None) -> dict[str, Any]:
-        return cost.document(
-            self.ledger.intervals,
-            self._clock(),
-            self.cfg,
-            self.worker,
-            since=since,
-            until=until,
-            probe=self.probe_info(),
-        )
-
     def probe_info(self) -> dict[str, Any]:
         return {
             "name": self.probe.name,

@@ -1,9 +1,10 @@
 """Cost accounting in the daemon: its cleanup context, `GET /v1/cost` and `GET /metrics`.
 
-`setup(app, cfg, gpu=...)` (called by `build_app`) puts the accounting context FIRST in
-`cleanup_ctx`: it opens the GPU probe (shared with the supervisor through `app[GPU]`) and the
+`context(cfg, gpu=...)` is the accounting component; `build_app` lists it FIRST among the app's
+components: it opens the GPU probe (shared with the supervisor through `app[GPU]`) and the
 ledger before the supervisor starts, and closes them after the supervisor has stopped the worker,
-so the shutdown's stopping -> cold transitions are still recorded.
+so the shutdown's stopping -> cold transitions are still recorded.  `add_routes(app)` adds the
+two routes.
 
 Neither handler touches the supervisor: a scrape or a cost report is never activity (no lease,
 no idle-timer reset), like the health checks.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ GPU: web.AppKey[Any] = web.AppKey("gpu_probe")
 ACCOUNTING = web.AppKey("accounting", Accounting)
 
 
-def setup(app: web.Application, cfg: Config, *, gpu: GpuProbe | None = None) -> None:
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def context(cfg: Config, *, gpu: GpuProbe | None = None) -> CleanupCtx:
+    """The accounting component (GPU probe, ledger, sampler, metrics) as a cleanup context."""
+
     async def cost_ctx(app: web.Application) -> AsyncIterator[None]:
         probe = gpu if gpu is not None else open_probe(cfg.cost.probe)
         app[GPU] = probe
@@ -49,7 +55,10 @@ def setup(app: web.Application, cfg: Config, *, gpu: GpuProbe | None = None) -> 
             if gpu is None:
                 probe.close()
 
-    app.cleanup_ctx.insert(0, cost_ctx)  # up before the supervisor, down after it
+    return cost_ctx
+
+
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/cost", get_cost)
     app.router.add_get("/metrics", get_metrics)
 

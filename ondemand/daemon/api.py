@@ -29,7 +29,6 @@ from ondemand.daemon.store import (
     QUEUED,
     Job,
     Store,
-    fsync_write_npy,
 )
 from ondemand.daemon.supervisor import Supervisor
 from ondemand.errors import (
@@ -42,6 +41,7 @@ from ondemand.errors import (
     UnsupportedMediaType,
     UploadTooLarge,
 )
+from ondemand.spool import write_npy
 
 CHUNK = 1 << 16
 MAX_FIELD_BYTES = 4096
@@ -213,7 +213,8 @@ async def submit(request: web.Request) -> tuple[Job, int]:
               created=time.time())
     path = store.audio_path(job_id)
     try:
-        await loop.run_in_executor(None, fsync_write_npy, path, decoded.samples)
+        await loop.run_in_executor(None, functools.partial(
+            write_npy, path, decoded.samples, durable=True))
     except OSError as e:
         raise _storage_error(e) from e
     try:

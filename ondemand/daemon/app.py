@@ -1,14 +1,15 @@
 """The aiohttp front end: assembles the daemon and owns every component through `cleanup_ctx`.
 
-Never imports torch (tests/test_daemon_api.py proves it).  Start-up order: store (recovers
-interrupted jobs), supervisor, dispatcher, purge timer; shutdown runs in reverse: the purge stops,
-the dispatcher lets its batch finish (bounded by server.stop_timeout_s), the supervisor stops the
-worker (ask, wait, SIGKILL, reap), the store closes.
+Never imports torch (tests/test_layout.py proves it).  The start-up order is the one literal
+list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_ctx):
 
-Extension points for other components (prewarm scheduler, cost ledger, metrics): build the app
-with `build_app()`, subscribe to `app[BUS]` before it starts, and append your own cleanup context
-*after* ours (it then starts after and stops before the supervisor); use `app[SUPERVISOR].load(
-"schedule:<name>", hold_s=...)` for holds.
+1. accounting (cost/api.py): GPU probe, ledger, sampler, metrics: first up, last down, so the
+   shutdown's state changes are still recorded;
+2. store: opens SQLite and recovers interrupted jobs;
+3. supervisor: owns the worker; on the way down stops it (ask, wait, SIGKILL, reap);
+4. dispatcher: on the way down lets its batch finish (bounded by server.stop_timeout_s);
+5. purge timer;
+6. prewarm scheduler (prewarm/api.py): last up, first down: no hold starts during shutdown.
 """
 
 from __future__ import annotations
@@ -122,10 +123,19 @@ def build_app(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    app.cleanup_ctx.extend([store_ctx, supervisor_ctx, dispatcher_ctx, purge_ctx])
+    # The order is the start-up order; shutdown runs it backwards (see the module docstring).
+    components = [
+        cost_api.context(cfg, gpu=gpu),
+        store_ctx,
+        supervisor_ctx,
+        dispatcher_ctx,
+        purge_ctx,
+        prewarm_api.context(cfg),
+    ]
+    app.cleanup_ctx.extend(components)
     api.add_routes(app)
-    cost_api.setup(app, cfg, gpu=gpu)  # ledger + sampler + metrics: first up, last down
-    prewarm_api.setup(app, cfg)  # scheduled holds: last up, first down
+    cost_api.add_routes(app)
+    prewarm_api.add_routes(app)
     return app
 
 

@@ -65,10 +65,6 @@ class ServiceNotifier:
         if self.notifier.enabled:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sd-notify")
 
-    def poke(self) -> None:
-        """Refresh STATUS now (e.g. when the drain starts)."""
-        self._wake.set()
-
     async def close(self) -> None:
         self._unsubscribe()
         if self._task is not None:

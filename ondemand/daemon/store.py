@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -30,8 +29,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
 
 from ondemand.errors import JobConflict, JobNotFound, QueueFull
 
@@ -111,21 +108,6 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         error=json.loads(row["error"]) if row["error"] else None,
         timings=json.loads(row["timings"]) if row["timings"] else {},
     )
-
-
-def fsync_write_npy(path: Path, array: np.ndarray) -> None:
-    """Write `array` to `path` atomically and durably (tmp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # disk full mid-write: leave no half file behind (issue 6)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 class _DbThread(threading.Thread):

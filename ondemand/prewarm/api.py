@@ -1,7 +1,8 @@
 """Prewarm in the daemon: the scheduler's cleanup context and `GET /v1/prewarm`.
 
-`setup(app, cfg)` (called by `build_app`) appends the prewarm context LAST in `cleanup_ctx`, so it
-starts after the supervisor and stops before it.  The scheduler never touches worker state: its
+`context(cfg)` is the scheduler component; `build_app` lists it LAST among the app's
+components, so it starts after the supervisor and stops before it.  The scheduler never touches
+worker state: its
 `start_hold` sends the supervisor `load("schedule:<name>", hold_s=...)`, the same hold mechanism as
 `POST /v1/worker/load {hold_s}` (holds merge there; idle unload/exit wait for the hold's end).
 
@@ -54,7 +55,9 @@ def recent_loads(storage_dir: Path, samples: int, now: float | None = None) -> l
     return loads[-samples:]
 
 
-def setup(app: web.Application, cfg: Config) -> None:
+def context(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The prewarm scheduler as a cleanup context (needs the supervisor and the bus)."""
+
     async def prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
         sup, bus = app[api.SUPERVISOR], app[api.BUS]
         clock = app.get(CLOCK, utc_now)
@@ -84,7 +87,10 @@ def setup(app: web.Application, cfg: Config) -> None:
             unsubscribe()
             await sched.close()
 
-    app.cleanup_ctx.append(prewarm_ctx)  # up after the supervisor, down before it
+    return prewarm_ctx
+
+
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/prewarm", get_prewarm)
 
 

@@ -28,7 +28,7 @@ or before t" exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -230,16 +230,6 @@ def prev_fire(rule: PrewarmRule, at: datetime, local: tzinfo = UTC) -> datetime 
                 return t
     except CroniterBadDateError:
         return None
-
-
-def fires(
-    rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC
-) -> Iterator[datetime]:
-    """Every fire instant in (start, end]."""
-    t = next_fire(rule, start, local)
-    while t <= end:
-        yield t
-        t = next_fire(rule, t, local)
 
 
 def window_end(rule: PrewarmRule, now: datetime, local: tzinfo = UTC) -> datetime | None:

@@ -31,8 +31,8 @@ from typing import IO, Any, Protocol
 
 import numpy as np
 
-from ondemand.audio import load_npy
 from ondemand.errors import AudioError, OndemandError, OutOfMemory
+from ondemand.spool import read_npy, write_npy
 
 log = logging.getLogger("ondemand.worker")
 
@@ -143,7 +143,7 @@ class Worker:
         runnable: list[dict[str, Any]] = []
         for item in items:
             try:
-                samples = load_npy(item["audio"])
+                samples = read_npy(item["audio"])
             except (OSError, AudioError) as e:
                 log.warning("job %s: spooled audio unreadable: %s", item.get("job"), e)
                 results.append({"job": item["job"], "error": {
@@ -175,17 +175,11 @@ class Worker:
                 return
             for item, pred in zip(runnable, preds, strict=True):
                 if item.get("embedding") and pred.embedding is not None:
-                    _save_npy(Path(item["embedding"]), pred.embedding)
+                    write_npy(Path(item["embedding"]),
+                              np.asarray(pred.embedding, dtype=np.float32), durable=False)
                 results.append({"job": item["job"], "result": pred.to_json()})
         self.send({"event": "result", "batch": batch, "results": results,
                    "seconds": round(time.perf_counter() - t0, 6)})
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.asarray(array, dtype=np.float32), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def serve(backend: Backend) -> int:
