@@ -7,7 +7,8 @@ import asyncio
 import dataclasses
 import time
 import tomllib
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -33,6 +34,9 @@ from ondemand.prewarm.scheduler import PrewarmScheduler
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
+NEW_YORK = ZoneInfo("America/New_York")
+TOKYO = ZoneInfo("Asia/Tokyo")
+
 
 def fires(
     rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC
@@ -42,9 +46,6 @@ def fires(
     while t <= end:
         yield t
         t = next_fire(rule, t, local)
-
-NEW_YORK = ZoneInfo("America/New_York")
-TOKYO = ZoneInfo("Asia/Tokyo")
 
 
 def rule(cron: str, tz: ZoneInfo | None = None, hold: str = "1h", **kw: Any) -> PrewarmRule:
