@@ -1,19 +1,28 @@
-"""Shared test helpers.
+"""Shared test helpers: the one copy of each.  Test modules import helpers from here (or from
+tests/golden.py), never from one another.
 
-Daemon harness (tests/test_daemon_*.py): `Daemon` runs the real aiohttp app on a real socket
-(127.0.0.1, port 0) with the fake worker subprocess (tests/fake_worker.py) or the real one, short
-timeouts from config, and helpers that wait on conditions with deadlines."""
+- `run(coro)`: run a test's async body.
+- `Daemon`: the real aiohttp app in-process on a real socket (127.0.0.1, port 0) with the fake
+  worker subprocess (tests/fake_worker.py) or the real one, short timeouts from config.
+- `serve_config` + `start_serve`: `ondemand serve` in a subprocess, as an operator runs it.
+- `gated_worker`: the fake worker held before it starts until a gate file exists, so a test can
+  queue work while the model is "loading" without betting on how long a load takes.
+- `wait_for` and friends: wait on conditions with deadlines, never bare sleeps."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
+import re
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -23,13 +32,13 @@ from aiohttp import web
 from ondemand import config as config_mod
 from ondemand.daemon import api
 from ondemand.daemon.app import build_app
-from ondemand.daemon.events import Event
+from ondemand.daemon.events import Event, StateChanged, WorkerExited
 from ondemand.daemon.supervisor import Supervisor, make_spawn
 from ondemand.gpu import PsutilProbe
 
+T = TypeVar("T")
 TESTS = Path(__file__).resolve().parent
 FAKE_WORKER = TESTS / "fake_worker.py"
-GOLDEN = TESTS.parent.parent / "shared" / "golden" / "emotion2vec-tiny"
 
 FAST: dict[str, dict[str, Any]] = {
     "worker": {"load_timeout_s": 10.0, "unload_after_s": -1, "exit_after_s": -1,
@@ -38,6 +47,11 @@ FAST: dict[str, dict[str, Any]] = {
     "queue": {"max_attempts": 3},
     "server": {"max_wait_s": 20.0, "stop_timeout_s": 5.0},
 }
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a test's async body on a fresh event loop."""
+    return asyncio.run(coro)
 
 
 def daemon_config(storage: Path, **sections: dict[str, Any]) -> config_mod.Config:
@@ -61,6 +75,85 @@ def fake_env(**knobs: str) -> dict[str, str]:
     env.update({f"FAKE_{k.upper()}": str(v) for k, v in knobs.items()})
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def fake_log(path: Path) -> list[dict[str, Any]]:
+    """The fake worker's FAKE_LOG: one {"pid", "op", "n", "keys"} per load/infer/unload."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- a gate in front of the fake worker ------------------------------------------------------
+_GATE = (
+    "import os, sys, time\n"
+    "gate, worker = sys.argv[1], sys.argv[2]\n"
+    "while not os.path.exists(gate):\n"
+    "    time.sleep(0.01)\n"
+    "os.execv(sys.executable, [sys.executable, worker])\n"
+)
+
+
+def gated_worker(gate: Path) -> list[str]:
+    """A worker command: the fake worker, started only once `gate` exists.  Until then the
+    supervisor waits for its hello (state starting), so every job submitted meanwhile is queued
+    when the model becomes ready: the first batch holds them all, however slow the machine."""
+    return [sys.executable, "-c", _GATE, str(gate), str(FAKE_WORKER)]
+
+
+# -- `ondemand serve` in a subprocess --------------------------------------------------------
+SERVE: dict[str, dict[str, Any]] = {
+    "server": {"port": 0, "stop_timeout_s": 5.0},
+    "worker": {"command": f"{sys.executable} {FAKE_WORKER}", "unload_after_s": -1,
+               "exit_after_s": -1, "stop_timeout_s": 1.0, "load_timeout_s": 10.0},
+}
+SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def serve_config(tmp: Path, **sections: dict[str, Any]) -> Path:
+    """Write tmp/config.toml for `ondemand serve`: port 0, the fake worker, no idle ladder,
+    state in tmp/var; `sections` are merged over those defaults (SERVE)."""
+    data: dict[str, dict[str, Any]] = {k: dict(v) for k, v in SERVE.items()}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    data.setdefault("storage", {})["dir"] = str(tmp / "var")
+    path = tmp / "config.toml"
+    path.write_text("".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+        for name, values in data.items()
+    ))
+    return path
+
+
+def start_serve(
+    cfg: Path, env: dict[str, str], **popen: Any
+) -> tuple[subprocess.Popen[str], str]:
+    """`ondemand serve` in a subprocess; returns it and its URL once it is listening."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ondemand", "serve", "--config", str(cfg)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, **popen,
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        m = SERVING.search(line)
+        if m:
+            # keep draining stderr so the daemon never blocks on a full pipe
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("ondemand serve did not start")
 
 
 async def wait_for(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
@@ -156,6 +249,15 @@ class Daemon:
         await wait_for(lambda: self.sup.state.value == state, timeout, f"worker {state}")
 
     def states(self) -> list[str]:
-        from ondemand.daemon.events import StateChanged
-
         return [e.new for e in self.events if isinstance(e, StateChanged)]
+
+    def changes(self) -> list[StateChanged]:
+        return [e for e in self.events if isinstance(e, StateChanged)]
+
+    def exits(self) -> list[WorkerExited]:
+        return [e for e in self.events if isinstance(e, WorkerExited)]
+
+    def waiting(self) -> int:
+        """Lease and load requests the supervisor holds until the model is ready.  Read from
+        a private field: the supervisor does not publish it (yet) in status()."""
+        return len(self.sup._waiters)

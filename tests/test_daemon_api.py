@@ -11,11 +11,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from tests.conftest import Daemon, daemon_config, fake_env, wav_bytes
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
+from tests.conftest import Daemon, daemon_config, fake_env, run, wait_for, wav_bytes
 
 
 def test_front_end_never_imports_torch() -> None:
@@ -201,8 +197,6 @@ def test_finished_jobs_are_purged_with_their_files(tmp_path: Path) -> None:
             async def gone() -> bool:
                 async with d.http.get(f"/v1/jobs/{job['id']}") as r:  # type: ignore[union-attr]
                     return r.status == 404
-
-            from tests.conftest import wait_for
 
             await wait_for(gone, 5, "purge")
             assert not list((tmp_path / "results").iterdir())

@@ -2,75 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from ondemand.client import Client
 from tests.conftest import (
-    FAKE_WORKER,
     Daemon,
     daemon_config,
     fake_env,
     pid_alive,
+    run,
+    serve_config,
+    start_serve,
     wait_for,
     wav_bytes,
 )
 
-SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
-def write_config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        "[server]\nport = 0\nstop_timeout_s = 2.0\n"
-        "[worker]\n"
-        f"command = \"{sys.executable} {FAKE_WORKER}\"\n"
-        "unload_after_s = -1\nexit_after_s = -1\nstop_timeout_s = 1.0\nload_timeout_s = 10.0\n"
-        "batch_audio_s = 0.01\n"  # one job per batch, so a kill interrupts only one or two
-        f"[storage]\ndir = \"{tmp_path / 'var'}\"\n"
-    )
-    return cfg
-
-
-def start_serve(
-    cfg: Path, env: dict[str, str], **popen: Any
-) -> tuple[subprocess.Popen[str], str]:
-    """`ondemand serve` in a subprocess; returns it and its URL once it is listening."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ondemand", "serve", "--config", str(cfg)],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, **popen,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        m = SERVING.search(line)
-        if m:
-            # keep draining stderr so the daemon never blocks on a full pipe
-            import threading
-
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
-    proc.kill()
-    raise AssertionError("ondemand serve did not start")
-
 
 def test_kill_9_front_end_loses_no_job_and_runs_each_once(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path)
+    # one job per batch, so a kill interrupts only one or two
+    cfg = serve_config(tmp_path, server={"stop_timeout_s": 2.0}, worker={"batch_audio_s": 0.01})
     log = tmp_path / "fake.log"
     env = fake_env(infer_s="0.15", log=str(log))
     clip = tmp_path / "clip.wav"
@@ -159,7 +113,7 @@ def test_unload_keeps_the_process_and_the_next_job_reuses_it(tmp_path: Path) -> 
 def test_serve_front_end_is_small_and_torch_free(tmp_path: Path) -> None:
     import psutil
 
-    proc, url = start_serve(write_config(tmp_path), fake_env())
+    proc, url = start_serve(serve_config(tmp_path), fake_env())
     try:
         Client(url).status()
         rss_mb = psutil.Process(proc.pid).memory_info().rss / 2**20

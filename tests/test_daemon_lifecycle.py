@@ -8,17 +8,9 @@ import json
 import time
 from pathlib import Path
 
-from ondemand.daemon.events import StateChanged, WorkerExited
+from ondemand.daemon.events import StateChanged
 from ondemand.daemon.supervisor import TRANSITIONS, WorkerState
-from tests.conftest import Daemon, daemon_config, fake_env, pid_alive, wait_for, wav_bytes
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
-
-
-def exits(d: Daemon) -> list[WorkerExited]:
-    return [e for e in d.events if isinstance(e, WorkerExited)]
+from tests.conftest import Daemon, daemon_config, fake_env, pid_alive, run, wait_for, wav_bytes
 
 
 def test_transition_table_is_closed() -> None:
@@ -42,7 +34,7 @@ def test_repeated_load_failures_back_off_and_say_why(tmp_path: Path) -> None:
             async with d.http.post("/v1/worker/load", json={}) as r:
                 assert r.status == 503 and "Retry-After" in r.headers
                 assert (await r.json())["error"]["code"] == "load_failed"
-            assert [e.kind for e in exits(d)] == ["load_failed", "load_failed"]
+            assert [e.kind for e in d.exits()] == ["load_failed", "load_failed"]
 
     run(main())
 
@@ -53,7 +45,7 @@ def test_exit_during_load_is_classified(tmp_path: Path) -> None:
             await d.submit(wav_bytes(0.5))
             await d.wait_state("backoff")
             assert d.sup.status()["last_error"]["code"] == "exited_during_load"
-            assert exits(d)[0].kind == "crashed" and "rc=3" in exits(d)[0].detail
+            assert d.exits()[0].kind == "crashed" and "rc=3" in d.exits()[0].detail
 
     run(main())
 
@@ -66,7 +58,7 @@ def test_load_timeout_kills_a_hung_worker_even_if_it_ignores_sigterm(tmp_path: P
             await d.submit(wav_bytes(0.5))
             await d.wait_state("backoff", timeout=10)
             assert d.sup.status()["last_error"]["code"] == "load_timeout"
-            (ex,) = exits(d)
+            (ex,) = d.exits()
             assert ex.kind == "stop_escalated" and not pid_alive(ex.pid)
 
     run(main())
@@ -80,7 +72,7 @@ def test_crash_mid_batch_requeues_and_a_new_worker_finishes(tmp_path: Path) -> N
             done = await d.final(job["id"])
             assert done["status"] == "done" and done["attempts"] == 2
             assert marker.exists() and d.sup.spawns == 2
-            assert exits(d)[0].kind == "killed"  # SIGKILL from outside: possibly the OOM killer
+            assert d.exits()[0].kind == "killed"  # SIGKILL from outside: possibly the OOM killer
 
     run(main())
 
@@ -143,7 +135,7 @@ def test_shutdown_escalates_to_sigkill_and_reaps(tmp_path: Path) -> None:
             pid = d.sup.status()["pid"]
             t0 = time.monotonic()
         assert time.monotonic() - t0 < 5
-        (ex,) = exits(d)
+        (ex,) = d.exits()
         assert ex.pid == pid and ex.kind == "stop_escalated" and not pid_alive(pid)
         # the interrupted job went back to the queue without spending an attempt
         from ondemand.daemon.store import Store
@@ -200,6 +192,6 @@ def test_shutdown_during_a_hung_load_is_prompt(tmp_path: Path) -> None:
             await d.wait_state("loading")
             t0 = time.monotonic()
         assert time.monotonic() - t0 < 3  # neither stop_timeout_s is waited out
-        assert exits(d)[0].kind == "exited"
+        assert d.exits()[0].kind == "exited"
 
     run(main())

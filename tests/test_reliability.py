@@ -38,25 +38,22 @@ from hypothesis import strategies as st
 from ondemand.audio import decode
 from ondemand.daemon.events import WorkerExited
 from ondemand.errors import AudioError
+from tests import golden
 from tests.conftest import (
-    FAKE_WORKER,
-    GOLDEN,
     Daemon,
     daemon_config,
     fake_env,
     pid_alive,
+    run,
+    serve_config,
+    start_serve,
     wait_for,
     wav_bytes,
 )
-from tests.test_daemon_durability import start_serve as _serve
 
 MAX_UPLOAD_MB = 0.25
 MAX_SECONDS = 5.0
 LEAKS = ("Traceback", 'File "', "/work/", "/tmp/", "/var/")
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 # -- a daemon on its own event-loop thread, for synchronous hypothesis tests -------------------
@@ -314,18 +311,6 @@ def test_kill_9_worker_mid_batch_job_completes_after_retry(tmp_path: Path) -> No
     run(main())
 
 
-def _config(tmp: Path, extra: str = "") -> Path:
-    cfg = tmp / "config.toml"
-    cfg.write_text(
-        "[server]\nport = 0\nstop_timeout_s = 5.0\n"
-        "[worker]\n"
-        f'command = "{sys.executable} {FAKE_WORKER}"\n'
-        "unload_after_s = -1\nexit_after_s = -1\nstop_timeout_s = 1.0\nload_timeout_s = 10.0\n"
-        f'{extra}[storage]\ndir = "{tmp / "var"}"\n'
-    )
-    return cfg
-
-
 def _rows(db: Path) -> dict[str, tuple[str, int, str]]:
     with sqlite3.connect(db) as conn:
         return {r[0]: (r[1], r[2], r[3])
@@ -378,11 +363,11 @@ async def _post_many(url: str, bodies: list[tuple[str, bytes]], concurrency: int
 def test_kill_9_front_end_during_an_upload_burst_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL lands while 16 uploads are in flight: every 202 survives and completes once;
     uploads that got no answer either never became jobs or complete like the others."""
-    cfg = _config(tmp_path, "batch_audio_s = 8.0\n")
+    cfg = serve_config(tmp_path, worker={"batch_audio_s": 8.0})
     log = tmp_path / "fake.log"
     env = fake_env(infer_s="0.05", log=str(log))
     clip = wav_bytes(0.3)
-    proc, url = _serve(cfg, env)
+    proc, url = start_serve(cfg, env)
     try:
         killer = threading.Timer(0.4, proc.send_signal, (signal.SIGKILL,))
         killer.start()
@@ -395,7 +380,7 @@ def test_kill_9_front_end_during_an_upload_burst_loses_nothing(tmp_path: Path) -
     assert len(accepted) >= 20, "the kill came before any upload was accepted"
     assert all(o[0] == "no answer" for o in other), other[:3]
 
-    proc, url = _serve(cfg, env)
+    proc, url = start_serve(cfg, env)
     try:
         run(wait_drained(url, 30, "queue drained after restart"))
     finally:
@@ -418,7 +403,7 @@ def test_full_disk_while_spooling_injected_enospc(tmp_path: Path,
     """The spool writer hits ENOSPC half way through the file (what a full disk does)."""
     import errno
 
-    from ondemand.daemon import store as store_mod
+    from ondemand import spool as spool_mod
 
     real_save = np.save
     full = {"on": True}
@@ -430,7 +415,7 @@ def test_full_disk_while_spooling_injected_enospc(tmp_path: Path,
         f.write(b"\x93NUMPY" + b"\0" * 1000)  # a partial file really lands on disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod.np, "save", save_then_fill)
+    monkeypatch.setattr(spool_mod.np, "save", save_then_fill)
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:
@@ -458,12 +443,12 @@ def test_full_disk_while_spooling_real_file_size_limit(tmp_path: Path) -> None:
     # file does not.  (At 200 KB the cost ledger's WAL hit it too and its flush at shutdown
     # failed: reported, docs/operations.md.)
     limit = 1_000_000
-    cfg = _config(tmp_path)
+    cfg = serve_config(tmp_path)
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc, url = _serve(cfg, fake_env(), preexec_fn=cap)
+    proc, url = start_serve(cfg, fake_env(), preexec_fn=cap)
     try:
         async def main() -> str:
             async with aiohttp.ClientSession(url) as http:
@@ -495,14 +480,13 @@ def test_full_disk_while_spooling_real_file_size_limit(tmp_path: Path) -> None:
     assert list(rows) == [job_id] and rows[job_id][:2] == ("done", 1)  # the refused left no row
 
 
-@pytest.mark.skipif(not (GOLDEN / "model").is_dir(), reason="golden tiny model not available")
 def test_corrupt_model_file_fails_clearly_without_crash_loop(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    for f in (GOLDEN / "model").iterdir():
+    for f in golden.MODEL.iterdir():
         if f.name != "model.pt":
             (model / f.name).write_bytes(f.read_bytes())
-    real = (GOLDEN / "model" / "model.pt").read_bytes()
+    real = (golden.MODEL / "model.pt").read_bytes()
     (model / "model.pt").write_bytes(real[: len(real) // 3] + os.urandom(4096))  # truncated+junk
 
     async def main() -> None:
@@ -534,10 +518,10 @@ def test_corrupt_model_file_fails_clearly_without_crash_loop(tmp_path: Path) -> 
 def test_sigterm_drains_gracefully_and_queued_jobs_survive(tmp_path: Path) -> None:
     """SIGTERM: new work gets 503 shutting_down at once, the running batch finishes, the queued
     jobs stay queued, the process exits 0; after a restart they all complete exactly once."""
-    cfg = _config(tmp_path, "batch_audio_s = 0.01\n")  # one job per batch: one is running
+    cfg = serve_config(tmp_path, worker={"batch_audio_s": 0.01})  # one job per batch: one runs
     log = tmp_path / "fake.log"
     env = fake_env(infer_s="0.6", log=str(log))
-    proc, url = _serve(cfg, env)
+    proc, url = start_serve(cfg, env)
     try:
         async def before() -> dict[str, str]:
             accepted, other = await _post_many(url, [(f"k{i}", wav_bytes(0.3)) for i in range(5)],
@@ -576,7 +560,7 @@ def test_sigterm_drains_gracefully_and_queued_jobs_survive(tmp_path: Path) -> No
     done = {k for k, i in accepted.items() if rows[i][0] == "done"}
     queued = {k for k, i in accepted.items() if rows[i][0] == "queued"}
     assert len(done) == 1 and len(queued) == 4, rows  # the running batch finished; rest kept
-    proc, url = _serve(cfg, env)
+    proc, url = start_serve(cfg, env)
     try:
         async def after() -> None:
             async with aiohttp.ClientSession(url) as http:
@@ -599,14 +583,11 @@ def test_load_2000_submissions_at_concurrency_50(tmp_path: Path) -> None:
     bound (max_pending = 300) is hit on purpose.  Every 202 completes exactly once, every
     refusal is 503 queue_full with Retry-After, nothing else happens."""
     n, concurrency = 2000, 50
-    cfg = _config(tmp_path, "batch_audio_s = 16.0\n").read_text()
-    cfg = cfg.replace("[storage]", "[queue]\nmax_pending = 300\n[storage]")
-    path = tmp_path / "config.toml"
-    path.write_text(cfg)
+    path = serve_config(tmp_path, worker={"batch_audio_s": 16.0}, queue={"max_pending": 300})
     log = tmp_path / "fake.log"
     env = fake_env(infer_s="0.02", log=str(log))
     clips = [(f"k{i}", wav_bytes(0.05 + (i % 5) * 0.01, freq=200 + i % 7)) for i in range(n)]
-    proc, url = _serve(path, env)
+    proc, url = start_serve(path, env)
     try:
         t0 = time.monotonic()
         accepted, other = run(_post_many(url, clips, concurrency))
@@ -639,17 +620,12 @@ def test_load_2000_submissions_real_worker_tiny_model(tmp_path: Path) -> None:
     """The same load against the real worker (`python -m ondemand.worker`, torch) on the golden
     tiny model: every 202 completes exactly once with a real result, overflow is 503."""
     n, concurrency = 2000, 50
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        "[server]\nport = 0\nstop_timeout_s = 5.0\n"
-        f'[model]\npath = "{GOLDEN / "model"}"\n'
-        '[worker]\ndevice = "cpu"\nunload_after_s = -1\nexit_after_s = -1\n'
-        "batch_audio_s = 16.0\nload_timeout_s = 60.0\n"
-        "[queue]\nmax_pending = 300\n"
-        f'[storage]\ndir = "{tmp_path / "var"}"\n'
-    )
+    cfg = serve_config(tmp_path, model={"path": str(golden.MODEL)},
+                       worker={"command": "", "device": "cpu", "batch_audio_s": 16.0,
+                               "load_timeout_s": 60.0, "stop_timeout_s": 10.0},
+                       queue={"max_pending": 300})
     clips = [(f"k{i}", wav_bytes(0.05 + (i % 5) * 0.01, freq=200 + i % 7)) for i in range(n)]
-    proc, url = _serve(cfg, dict(os.environ))
+    proc, url = start_serve(cfg, dict(os.environ))
     try:
         accepted, other = run(_post_many(url, clips, concurrency))
 

@@ -4,7 +4,6 @@ without tracebacks or server paths, unguessable job ids, no endpoint that reads 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import re
@@ -20,16 +19,12 @@ import ondemand
 from ondemand.daemon import app as app_mod
 from ondemand.daemon.app import check_bind
 from ondemand.errors import ConfigError
-from tests.conftest import Daemon, daemon_config, fake_env, wav_bytes
+from tests.conftest import Daemon, daemon_config, fake_env, run, wav_bytes
 
 TOKEN = "s3cret-token-for-tests_0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PKG_DIR = str(Path(ondemand.__file__).resolve().parent)
 URLSAFE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 def routes(d: Daemon) -> list[tuple[str, str]]:

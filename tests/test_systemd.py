@@ -17,8 +17,7 @@ import pytest
 
 from ondemand import config as config_mod
 from ondemand.daemon.sdnotify import Notifier
-from tests.conftest import fake_env, wav_bytes
-from tests.test_reliability import _config, _serve
+from tests.conftest import fake_env, serve_config, start_serve, wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = sorted(p for p in (ROOT / "systemd").iterdir()
@@ -173,7 +172,7 @@ def test_serve_notifies_systemd(tmp_path: Path) -> None:
     sock.bind(str(path))
     sock.settimeout(10)
     env = {**fake_env(), "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
-    proc, url = _serve(_config(tmp_path), env)
+    proc, url = start_serve(serve_config(tmp_path), env)
     got: list[str] = []
 
     def until(pred: str, timeout: float = 10.0) -> None:
