@@ -5,22 +5,27 @@ tests/golden.py), never from one another.
 - `Daemon`: the real aiohttp app in-process on a real socket (127.0.0.1, port 0) with the fake
   worker subprocess (tests/fake_worker.py) or the real one, short timeouts from config.
 - `serve_config` + `start_serve`: `ondemand serve` in a subprocess, as an operator runs it.
-- `gated_worker`: the fake worker held before it starts until a gate file exists, so a test can
-  queue work while the model is "loading" without betting on how long a load takes.
+- `gated_worker`, `first_spawn_worker`, `frozen`: hold the fake worker at a point the test
+  chooses (before it starts, in a hung batch, SIGSTOPped), so a test never bets on how long a
+  load, a batch or an unload takes.
+- `run_virtual`: an event loop on virtual time, for timing tests of code without real I/O.
 - `wait_for` and friends: wait on conditions with deadlines, never bare sleeps."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import re
+import selectors
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +59,38 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: when nothing is ready it jumps to its next timer instead
+    of waiting for it, so timed code (sleep, wait_for, call_later) runs at once and exactly on
+    time however loaded the machine is.  For code that does no real I/O (a scheduler against a
+    fake, a sampler against a scripted probe); a test reads its clock as `loop.time()`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualClockLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0 if timeout else timeout)
+        if not events and timeout:
+            self._loop.now += timeout  # the loop then runs the timer that was due
+        return events
+
+
+def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a test's async body on a VirtualClockLoop."""
+    with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+        return runner.run(coro)
+
+
 def daemon_config(storage: Path, **sections: dict[str, Any]) -> config_mod.Config:
     data: dict[str, dict[str, Any]] = {k: dict(v) for k, v in FAST.items()}
     for name, values in sections.items():
@@ -84,12 +121,18 @@ def fake_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# -- a gate in front of the fake worker ------------------------------------------------------
-_GATE = (
-    "import os, sys, time\n"
-    "gate, worker = sys.argv[1], sys.argv[2]\n"
-    "while not os.path.exists(gate):\n"
+# -- the fake worker behind a small wrapper: a start gate, knobs for the first spawn only ----
+_WRAPPER = (
+    "import json, os, sys, time\n"
+    "gate, marker, knobs, worker = sys.argv[1:5]\n"
+    "while gate and not os.path.exists(gate):\n"
     "    time.sleep(0.01)\n"
+    "if marker:\n"
+    "    try:\n"
+    "        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))\n"
+    "        os.environ.update(json.loads(knobs))\n"
+    "    except FileExistsError:\n"
+    "        pass\n"
     "os.execv(sys.executable, [sys.executable, worker])\n"
 )
 
@@ -98,7 +141,27 @@ def gated_worker(gate: Path) -> list[str]:
     """A worker command: the fake worker, started only once `gate` exists.  Until then the
     supervisor waits for its hello (state starting), so every job submitted meanwhile is queued
     when the model becomes ready: the first batch holds them all, however slow the machine."""
-    return [sys.executable, "-c", _GATE, str(gate), str(FAKE_WORKER)]
+    return [sys.executable, "-c", _WRAPPER, str(gate), "", "", str(FAKE_WORKER)]
+
+
+def first_spawn_worker(marker: Path, **knobs: str) -> list[str]:
+    """A worker command: the first fake worker spawned (the one that creates `marker`) runs
+    with these extra knobs (`hang_batch="1"`: its batches never return), later ones without."""
+    extra = {f"FAKE_{k.upper()}": str(v) for k, v in knobs.items()}
+    return [sys.executable, "-c", _WRAPPER, "", str(marker), json.dumps(extra), str(FAKE_WORKER)]
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP `pid` for the block, SIGCONT after (also when the block fails).  A frozen worker
+    cannot answer, so the daemon waits in whatever state it is in (unloading, stopping, in a
+    batch) until the test lets go: the test decides when, not a timer."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 # -- `ondemand serve` in a subprocess --------------------------------------------------------
