@@ -13,6 +13,9 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_HANG_BATCH=1       batches never return
   FAKE_IGNORE_SIGTERM=1   SIGTERM is ignored (stop must escalate to SIGKILL)
   FAKE_OOM_ABOVE=N        batches of more than N clips raise OutOfMemory
+  FAKE_UNLOAD_S=0         seconds an unload takes (the worker stays `unloading` meanwhile)
+  FAKE_EXIT_S=0           seconds the process takes to exit after an `exit` op (or EOF on stdin);
+                          with FAKE_EXIT_S > worker.stop_timeout_s the stop escalates to SIGKILL
   FAKE_LOG=PATH           append one JSON line per op: {"pid", "op", "n", "keys"}
 """
 
@@ -30,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from ondemand import protocol
 from ondemand.errors import ModelError, OutOfMemory
-from ondemand.worker.main import serve
+from ondemand.worker.main import LoadInfo, serve
 
 LABELS = ["angry", "happy", "neutral", "sad"]
 
@@ -51,7 +55,7 @@ def _log(op: str, **extra: Any) -> None:
 class FakePrediction:
     key: str
     samples: int
-    granularity: str
+    granularity: protocol.Granularity
     embedding: np.ndarray | None = field(default=None)
 
     def to_json(self) -> dict[str, Any]:
@@ -69,7 +73,7 @@ class FakeBackend:
     def __init__(self) -> None:
         self.loaded = False
 
-    def load(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def load(self, op: protocol.Load) -> LoadInfo:
         _log("load")
         if _env("FAKE_EXIT_IN_LOAD"):
             os._exit(int(_env("FAKE_EXIT_IN_LOAD")))
@@ -80,14 +84,14 @@ class FakeBackend:
         if _env("FAKE_FAIL_LOAD"):
             raise ModelError("fake model is broken (FAKE_FAIL_LOAD)")
         self.loaded = True
-        return {"device": "cpu", "dtype": "float32",
-                "timings": {"import_s": 0.0, "weights_s": 0.01, "warmup_s": 0.01}}
+        return LoadInfo(device="cpu", dtype="float32",
+                        timings={"import_s": 0.0, "weights_s": 0.01, "warmup_s": 0.01})
 
     def infer(
         self,
         clips: Sequence[tuple[str, np.ndarray]],
         *,
-        granularity: str,
+        granularity: protocol.Granularity,
         embeddings: bool,
         batch_audio_s: float | None,
     ) -> list[FakePrediction]:
@@ -115,10 +119,13 @@ class FakeBackend:
 
     def unload(self) -> None:
         _log("unload")
+        time.sleep(float(_env("FAKE_UNLOAD_S", "0")))
         self.loaded = False
 
 
 if __name__ == "__main__":
     if _env("FAKE_IGNORE_SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(serve(FakeBackend()))
+    code = serve(FakeBackend())
+    time.sleep(float(_env("FAKE_EXIT_S", "0")))  # a slow exit: releasing memory, flushing
+    sys.exit(code)

@@ -84,7 +84,7 @@ def test_rule_warms_by_the_fire_holds_then_scales_to_zero(tmp_path: Path) -> Non
             assert status["worker"]["warm_because"] == "hold"
             assert status["worker"]["hold_trigger"] == "schedule:m"
             # systemctl status (STATUS=) says why the worker is warm
-            text = status_text(status["worker"], status["queue"], draining=False)
+            text = status_text(d.sup.status(), status["queue"], draining=False)
             assert text.startswith("worker ready (held by schedule:m, 0h00m left), 0 queued"), text
             doc = await get(d, "/v1/prewarm")
             (hold,) = doc["holds"]

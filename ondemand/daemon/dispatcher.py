@@ -7,7 +7,7 @@ padded-audio budget `worker.batch_audio_s`, 0 = the device default) and the plan
 the oldest job runs.  Nothing waits to fill a batch, so a lone job is never delayed.
 
 Failure handling, job-aware:
-- out of memory (`batch_failed` code out_of_memory): the batch is split in halves and each half
+- out of memory (`BatchFailed` code out_of_memory): the batch is split in halves and each half
   retried; a single clip that still does not fit fails with out_of_memory.
 - worker crash mid-batch: every job of the batch goes back to `queued` (its attempt counted) and
   is retried *alone*, so one poison clip cannot take its neighbours down; after
@@ -29,13 +29,14 @@ import logging
 import time
 from typing import Any
 
-from ondemand import batching
+from ondemand import batching, protocol
 from ondemand.audio import SAMPLE_RATE
 from ondemand.config import QueueConfig, WorkerConfig
 from ondemand.daemon.events import EventBus, JobFinished
 from ondemand.daemon.store import DONE, FAILED, Job, Store
-from ondemand.daemon.supervisor import Lease, Supervisor
-from ondemand.errors import OndemandError, WorkerCrashed, WorkerUnavailable
+from ondemand.daemon.supervisor import Lease, Supervisor, WorkerState
+from ondemand.errors import InternalError, OndemandError, WorkerCrashed, WorkerUnavailable
+from ondemand.protocol import ErrorInfo
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Dispatcher:
         """A rough wait for a job with `position` jobs ahead of it."""
         per_job = self.job_compute_s if self.job_compute_s is not None else 0.5
         eta = (position + 1) * per_job
-        if self.sup.state.value != "ready":
+        if self.sup.state is not WorkerState.READY:
             eta += self.sup.last_load_s if self.sup.last_load_s is not None else 10.0
         return round(eta, 3)
 
@@ -174,56 +175,51 @@ class Dispatcher:
         self._running = []
 
     async def _infer(self, lease: Lease, batch: list[Job], cold_s: float) -> None:
-        request: dict[str, Any] = {
-            "batch": f"b{next(self._batch_ids)}",
-            "granularity": batch[0].granularity,
-            "items": [
-                {
-                    "job": j.id,
-                    "key": j.key,
-                    "audio": str(self.store.audio_path(j.id)),
-                    "embedding": str(self.store.embedding_path(j.id)) if j.embedding else None,
-                }
+        op = protocol.Infer(
+            batch=f"b{next(self._batch_ids)}",
+            granularity=protocol.as_granularity(batch[0].granularity),
+            items=tuple(
+                protocol.InferItem(
+                    job=j.id,
+                    key=j.key,
+                    audio=str(self.store.audio_path(j.id)),
+                    embedding=str(self.store.embedding_path(j.id)) if j.embedding else None,
+                )
                 for j in batch
-            ],
-        }
-        if self.worker_cfg.batch_audio_s:
-            request["batch_audio_s"] = self.worker_cfg.batch_audio_s
-        t0 = time.monotonic()
+            ),
+            batch_audio_s=self.worker_cfg.batch_audio_s or None,
+        )
         try:
-            answer = await lease.infer(request)
+            answer = await lease.infer(op)
         except (WorkerCrashed, WorkerUnavailable):
             raise
-        except OndemandError as e:  # the worker's batch_failed: out_of_memory splits the batch
+        except OndemandError as e:  # the worker's BatchFailed: out_of_memory splits the batch
             if len(batch) > 1:
                 half = len(batch) // 2
                 log.warning("batch %s failed (%s) with %d jobs: retrying as %d + %d",
-                            request["batch"], e.code, len(batch), half, len(batch) - half)
+                            op.batch, e.code, len(batch), half, len(batch) - half)
                 await self._infer(lease, batch[:half], cold_s)
                 await self._infer(lease, batch[half:], cold_s)
                 return
-            await self._finish(batch[0], FAILED, error={"code": e.code, "message": e.message},
+            await self._finish(batch[0], FAILED, error=ErrorInfo(e.code, e.message),
                                timings=self._timings(batch[0], cold_s, None))
             return
-        results: list[dict[str, Any]] = list(answer.get("results") or [])
-        seconds = answer.get("seconds")
-        compute_s = float(seconds) if seconds is not None else time.monotonic() - t0
-        per_job = compute_s / len(batch)
+        per_job = answer.seconds / len(batch)
         self.job_compute_s = (
             per_job if self.job_compute_s is None
             else (1 - EWMA) * self.job_compute_s + EWMA * per_job
         )
-        by_id = {str(r.get("job")): r for r in results}
+        by_id = {r.job: r for r in answer.results}
         for j in batch:
             r = by_id.get(j.id)
-            timings = self._timings(j, cold_s, compute_s)
+            timings = self._timings(j, cold_s, answer.seconds)
             if r is None:
-                err = {"code": "internal", "message": "the worker returned no result for the job"}
+                err = ErrorInfo(InternalError.code, "the worker returned no result for the job")
                 await self._finish(j, FAILED, error=err, timings=timings)
-            elif "error" in r:
-                await self._finish(j, FAILED, error=_error(r["error"]), timings=timings)
+            elif r.error is not None:
+                await self._finish(j, FAILED, error=r.error, timings=timings)
             else:
-                await self._finish(j, DONE, result=r.get("result"), timings=timings)
+                await self._finish(j, DONE, result=r.result, timings=timings)
 
     async def _crashed(self, batch: list[Job], e: WorkerCrashed) -> None:
         requeue = []
@@ -231,7 +227,7 @@ class Dispatcher:
             if j.attempts >= self.queue_cfg.max_attempts:
                 msg = (f"the worker failed on each of {j.attempts} attempts "
                        f"(queue.max_attempts={self.queue_cfg.max_attempts}); last: {e.message}")
-                await self._finish(j, FAILED, error={"code": "worker_crashed", "message": msg},
+                await self._finish(j, FAILED, error=ErrorInfo(WorkerCrashed.code, msg),
                                    timings=self._timings(j, 0.0, None))
             else:
                 requeue.append(j.id)
@@ -253,12 +249,12 @@ class Dispatcher:
         status: str,
         *,
         result: dict[str, Any] | None = None,
-        error: dict[str, str] | None = None,
+        error: ErrorInfo | None = None,
         timings: dict[str, float | None],
     ) -> None:
         self._suspects.discard(job.id)
-        done = await self.store.finish(job.id, status, result=result, error=error,
-                                       timings=timings)
+        done = await self.store.finish(job.id, status, result=result,
+                                       error=error.to_json() if error else None, timings=timings)
         self.store.remove_audio(job.id)
         if done is None:
             return  # no longer running (cancelled or purged meanwhile): exactly once
@@ -266,8 +262,3 @@ class Dispatcher:
         self.bus.publish(JobFinished(job=job.id, status=status, queue_s=timings.get("queue_s"),
                                      compute_s=timings.get("compute_s"), attempts=done.attempts))
 
-
-def _error(raw: Any) -> dict[str, str]:
-    if isinstance(raw, dict):
-        return {"code": str(raw.get("code", "error")), "message": str(raw.get("message", ""))}
-    return {"code": "error", "message": str(raw)}

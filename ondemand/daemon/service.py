@@ -24,6 +24,7 @@ from aiohttp import web
 from ondemand.daemon import api
 from ondemand.daemon.events import JobFinished, StateChanged
 from ondemand.daemon.sdnotify import Notifier
+from ondemand.daemon.worker_status import WorkerState, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,17 @@ REFRESH_S = 10.0  # STATUS refresh (queue depth) when no watchdog asks for a sho
 OWNER_TASKS = ("supervisor", "dispatcher")  # task names given by Supervisor/Dispatcher.start()
 
 
-def status_text(worker: dict[str, object], counts: dict[str, int], *, draining: bool) -> str:
+def status_text(worker: WorkerStatus, counts: dict[str, int], *, draining: bool) -> str:
     """`worker ready, 3 queued, 1 running` (+ the reason when backing off or draining)."""
-    state = worker.get("state", "?")
     held = ""
-    hold_s = worker.get("hold_s")
-    if worker.get("warm_because") == "hold" and isinstance(hold_s, int | float):
-        h, m = divmod(int(hold_s // 60), 60)  # minutes: STATUS= is only resent when it changes
-        held = f" (held by {worker.get('hold_trigger')}, {h}h{m:02d}m left)"
-    text = (f"worker {state}{held}, {counts.get('queued', 0)} queued, "
+    if worker.warm_because == "hold" and worker.hold_s is not None:
+        h, m = divmod(int(worker.hold_s // 60), 60)  # minutes: STATUS= is resent on change only
+        held = f" (held by {worker.hold_trigger}, {h}h{m:02d}m left)"
+    text = (f"worker {worker.state}{held}, {counts.get('queued', 0)} queued, "
             f"{counts.get('running', 0)} running")
-    err = worker.get("last_error")
-    if state == "backoff" and isinstance(err, dict):
-        text += f"; load failed ({err.get('code')}): {err.get('message')}"
+    err = worker.last_error
+    if worker.state is WorkerState.BACKOFF and err is not None:
+        text += f"; load failed ({err.code}): {err.message}"
     if draining:
         text = "stopping: running batch finishing, queued jobs kept; " + text
     return text[:400]

@@ -29,11 +29,11 @@ from ondemand.errors import (
 from ondemand.model import checkpoint
 from ondemand.model.labels import Labels, read_labels
 from ondemand.model.network import Emotion2vec
+from ondemand.protocol import GRANULARITIES
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GRANULARITIES = ("utterance", "frame")
 
 
 @dataclass(frozen=True)

@@ -12,39 +12,37 @@ from typing import Any
 
 import numpy as np
 
+from ondemand import protocol as p
 from ondemand.errors import OutOfMemory
-from ondemand.worker.main import PredictionLike
+from ondemand.worker.main import LoadInfo, PredictionLike
 
 
 class TorchBackend:
     def __init__(self) -> None:
         self.engine: Any = None
 
-    def load(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def load(self, op: p.Load) -> LoadInfo:
         t0 = time.perf_counter()
         from ondemand.model.engine import Engine
         from ondemand.model.resolve import resolve_model
 
         t1 = time.perf_counter()
         model_dir: Path = resolve_model(
-            str(msg["model"]),
-            revision=str(msg.get("revision") or "master"),
-            cache_dir=str(msg.get("cache_dir") or "") or None,
+            op.model, revision=op.revision or "master", cache_dir=op.cache_dir or None
         )
         t2 = time.perf_counter()
-        engine = Engine.load(model_dir, device=str(msg.get("device") or "auto"),
-                             dtype=str(msg.get("dtype") or "float32"))
+        engine = Engine.load(model_dir, device=op.device or "auto", dtype=op.dtype or "float32")
         engine.warm_up()  # the first real request must not be the slow one (Triton warmup)
         self.engine = engine
         timings = {"import_s": t1 - t0, "resolve_s": t2 - t1, **engine.timings}
-        return {"device": str(engine.device), "dtype": engine.dtype,
-                "timings": {k: round(v, 6) for k, v in timings.items()}}
+        return LoadInfo(device=str(engine.device), dtype=engine.dtype,
+                        timings={k: round(v, 6) for k, v in timings.items()})
 
     def infer(
         self,
         clips: Sequence[tuple[str, np.ndarray]],
         *,
-        granularity: str,
+        granularity: p.Granularity,
         embeddings: bool,
         batch_audio_s: float | None,
     ) -> Sequence[PredictionLike]:

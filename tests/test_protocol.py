@@ -1,0 +1,142 @@
+"""The worker protocol (ondemand/protocol.py): every message survives encode -> decode, and every
+kind of malformed line is refused with one ProtocolError that says what was wrong."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from ondemand import protocol as p
+from ondemand.errors import ProtocolError
+
+MESSAGES: list[p.Message] = [
+    p.Load(model="iic/emotion2vec_plus_large", revision="master", cache_dir="", device="auto",
+           dtype="float32"),
+    p.Infer(batch="b1", granularity="utterance",
+            items=(p.InferItem(job="j1", key="a.wav", audio="/spool/j1.npy"),
+                   p.InferItem(job="j2", key="", audio="/spool/j2.npy",
+                               embedding="/spool/j2.emb.npy"))),
+    p.Infer(batch="b2", granularity="frame", items=(), batch_audio_s=60.0),
+    p.Unload(),
+    p.Exit(),
+    p.Hello(pid=1234),
+    p.Loaded(seconds=1.5, device="cuda:0", dtype="bfloat16",
+             timings={"import_s": 0.8, "weights_s": 0.5}),
+    p.Loaded(seconds=0.1, device="cpu", dtype="float32"),
+    p.LoadFailed(code="model_not_found", message="no such model"),
+    p.Result(batch="b1", seconds=0.42, results=(
+        p.ItemResult(job="j1", result={"key": "a.wav", "labels": ["x"], "scores": [1.0],
+                                       "top": {"label": "x", "score": 1.0}, "frames": 3,
+                                       "duration_s": 0.5}),
+        p.ItemResult(job="j2", error=p.ErrorInfo(code="audio_missing", message="gone")),
+    )),
+    p.Result(batch="b3", seconds=0.0, results=()),
+    p.BatchFailed(batch="b1", code="out_of_memory", message="does not fit"),
+    p.Unloaded(),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips_as_one_line(msg: p.Message) -> None:
+    line = p.encode(msg)
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert p.decode(line) == msg
+    assert p.decode(line.encode()) == msg  # bytes straight from a pipe
+    if isinstance(msg, p.Load | p.Infer | p.Unload | p.Exit):
+        assert p.decode_op(line) == msg
+        with pytest.raises(ProtocolError, match="expected an event"):
+            p.decode_event(line)
+    else:
+        assert p.decode_event(line) == msg
+        with pytest.raises(ProtocolError, match="expected an op"):
+            p.decode_op(line)
+
+
+def test_every_message_type_is_covered() -> None:
+    assert {type(m) for m in MESSAGES} == set(p.OPS.values()) | set(p.EVENTS.values())
+
+
+def test_wire_format_is_the_documented_one() -> None:
+    assert json.loads(p.encode(p.Hello(pid=7))) == {"event": "hello", "pid": 7}
+    assert json.loads(p.encode(p.Exit())) == {"op": "exit"}
+    item = json.loads(p.encode(MESSAGES[1]))["items"][0]
+    assert item == {"job": "j1", "key": "a.wav", "audio": "/spool/j1.npy", "embedding": None}
+
+
+def _line(**obj: Any) -> str:
+    return json.dumps(obj)
+
+
+INFER = {"op": "infer", "batch": "b1", "granularity": "utterance",
+         "items": [{"job": "j", "key": "k", "audio": "/a.npy", "embedding": None}]}
+RESULT = {"event": "result", "batch": "b1", "seconds": 0.1,
+          "results": [{"job": "j", "result": {"key": "k"}}]}
+
+MALFORMED: list[tuple[str, str | bytes, str]] = [
+    ("not json", "hello there", "not JSON"),
+    ("truncated json", '{"event": "hello", "pid"', "not JSON"),
+    ("not utf-8", b'{"event": "hello\xff"}', "not JSON"),
+    ("an array", "[1, 2]", "expected a JSON object, got an array"),
+    ("a number", "42", "expected a JSON object, got an integer"),
+    ("no tag", _line(pid=1), "neither 'op' nor 'event'"),
+    ("both tags", _line(op="exit", event="hello"), "both 'op' and 'event'"),
+    ("unknown event", _line(event="progress", done=3), "unknown event 'progress'"),
+    ("unknown op", _line(op="reboot"), "unknown op 'reboot'"),
+    ("tag not a string", _line(event=3), "unknown event 3"),
+    ("missing field", _line(event="hello"), "hello: missing field 'pid'"),
+    ("wrong type", _line(event="hello", pid="12"), "hello.pid: expected an integer, got a string"),
+    ("bool is no integer", _line(event="hello", pid=True), "hello.pid: expected an integer"),
+    ("unknown field", _line(event="unloaded", extra=1), r"unloaded: unknown field\(s\) 'extra'"),
+    ("null string", _line(event="load_failed", code=None, message="x"),
+     "load_failed.code: expected a string, got null"),
+    ("timing not a number", _line(event="loaded", seconds=1, device="cpu", dtype="float32",
+                                  timings={"weights_s": "slow"}),
+     "loaded.timings.weights_s: expected a number"),
+    ("bad granularity", json.dumps({**INFER, "granularity": "word"}),
+     "infer: granularity must be one of utterance, frame, got 'word'"),
+    ("items not an array", json.dumps({**INFER, "items": {"job": "j"}}),
+     "infer.items: expected an array, got an object"),
+    ("item not an object", json.dumps({**INFER, "items": ["/a.npy"]}),
+     r"infer.items\[0\]: expected a JSON object, got a string"),
+    ("item missing audio", json.dumps({**INFER, "items": [{"job": "j", "key": "k"}]}),
+     r"infer.items\[0\]: missing field 'audio'"),
+    ("batch_audio_s not a number", json.dumps({**INFER, "batch_audio_s": "60"}),
+     "infer.batch_audio_s: expected a number"),
+    ("result without outcome", json.dumps({**RESULT, "results": [{"job": "j"}]}),
+     r"result.results\[0\]: needs exactly one of 'result' and 'error'"),
+    ("result with both", json.dumps({**RESULT, "results": [
+        {"job": "j", "result": {}, "error": {"code": "x", "message": "y"}}]}),
+     "needs exactly one of 'result' and 'error'"),
+    ("result not an object", json.dumps({**RESULT, "results": [{"job": "j", "result": [1]}]}),
+     r"result.results\[0\].result: expected an object or null, got an array"),
+    ("error missing message", json.dumps({**RESULT, "results": [
+        {"job": "j", "error": {"code": "x"}}]}),
+     r"result.results\[0\].error: missing field 'message'"),
+    ("seconds missing", json.dumps({k: v for k, v in RESULT.items() if k != "seconds"}),
+     "result: missing field 'seconds'"),
+]
+
+
+@pytest.mark.parametrize(("line", "why"), [(m[1], m[2]) for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_lines_raise_one_protocol_error_saying_why(line: str | bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        p.decode(line)
+
+
+def test_protocol_error_is_an_internal_error_with_its_own_code() -> None:
+    from ondemand import errors
+
+    assert issubclass(ProtocolError, errors.InternalError)
+    assert type(errors.from_code("protocol_error", "x")) is ProtocolError
+
+
+def test_granularities_are_defined_once() -> None:
+    from ondemand.daemon import api
+
+    assert api.GRANULARITIES is p.GRANULARITIES == ("utterance", "frame")
+    assert p.as_granularity("frame") == "frame"
+    with pytest.raises(ProtocolError):
+        p.as_granularity("word")
