@@ -9,6 +9,7 @@ Documentation for every key lives next to it in the repository's `config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -25,6 +26,10 @@ T = TypeVar("T")
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 DTYPES = ("float32", "bfloat16", "float16", "int8")
+# ondemand.audio's MAX_DECODE_MB and SAMPLE_RATE, without importing soundfile into every command
+# (tests/test_config_validation.py checks they agree).
+MAX_DECODE_MB = 512.0
+SAMPLE_RATE = 16000
 
 
 def _setting(default: Any, check: Check | None = None) -> Any:
@@ -84,6 +89,11 @@ class ServerConfig:
     allow_insecure_bind: bool = False
     stop_timeout_s: float = _setting(60.0, positive)
     max_wait_s: float = _setting(60.0, non_negative)  # cap for ?wait= long-polls and /recognize
+    # Seconds an upload's body may stall (no bytes arriving) before 408 and a closed connection;
+    # also how long an idle or half-sent connection is kept (aiohttp's keep-alive timeout).
+    read_timeout_s: float = _setting(30.0, positive)
+    # Uploads decoded at once; the rest wait their turn.  Bounds the front end's decode memory.
+    max_concurrent_decodes: int = _setting(2, positive)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,19 @@ class ModelConfig:
 class AudioConfig:
     max_seconds: float = _setting(120.0, positive)
     min_seconds: float = _setting(0.025, non_negative)  # 400 samples at 16 kHz
+    # Source samples x channels x 8 bytes (float64) an upload may hold: the decode's cost.
+    max_decode_mb: float = _setting(MAX_DECODE_MB, positive)
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.min_seconds >= self.max_seconds:
+            return "min_seconds", (f"must be < audio.max_seconds ({self.max_seconds:g}), "
+                                   f"got {self.min_seconds:g}")
+        floor_mb = self.max_seconds * SAMPLE_RATE * 8 / 2**20
+        if self.max_decode_mb < floor_mb:
+            return "max_decode_mb", (
+                f"must be >= {floor_mb:.3g} (a 16 kHz mono clip of audio.max_seconds), "
+                f"got {self.max_decode_mb:g}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -195,7 +218,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from `data`, validating every key; errors name the key path."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or '<root>'}: must be a table, got {type(data).__name__}")
+        raise ConfigError(f"{path.rstrip('.') or '<root>'}: must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
@@ -218,12 +241,20 @@ def build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             raise ConfigError(f"{key}: must be {tp.__name__}, got {value!r}")
         if tp is float:
             value = float(value)
+            if not math.isfinite(value):  # TOML has inf and nan; no setting means them
+                raise ConfigError(f"{key}: must be a finite number, got {value} (where a key "
+                                  "allows it, -1 means never)")
         check = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
             raise ConfigError(f"{key}: {problem}")
         kwargs[name] = value
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    cross_check = getattr(obj, "cross_check", None)  # checks between a section's keys
+    problem = cross_check() if cross_check is not None else None
+    if problem is not None:
+        raise ConfigError(f"{path}{problem[0]}: {problem[1]}")
+    return obj
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

@@ -192,6 +192,14 @@ class AudioMissing(OndemandError):
     code = "audio_missing"
 
 
+class ProtocolError(InternalError):
+    """A line on the worker pipe that is not the protocol (ondemand/protocol.py): malformed JSON,
+    an unknown op or event, a missing or mistyped field.  A bug, or a `worker.command` that speaks
+    another version; the daemon stops such a worker (`last_error` when it happens during load)."""
+
+    code = "protocol_error"
+
+
 def all_errors() -> list[type[OndemandError]]:
     """Every error class, base first (depth-first over subclasses)."""
     out: list[type[OndemandError]] = []

@@ -26,6 +26,7 @@ from ondemand.cost.accounting import Accounting
 from ondemand.cost.ledger import Ledger, connect, read_intervals
 from ondemand.cost.metrics import CONTENT_TYPE
 from ondemand.daemon import api
+from ondemand.daemon.http import json_response
 from ondemand.daemon.store import QUEUED
 from ondemand.errors import BadRequest
 from ondemand.gpu import GpuProbe, open_probe
@@ -116,7 +117,7 @@ async def get_cost(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise BadRequest(str(e)) from e
-    return web.json_response(doc)
+    return json_response(doc)
 
 
 async def get_metrics(request: web.Request) -> web.Response:

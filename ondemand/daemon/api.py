@@ -41,12 +41,12 @@ from ondemand.errors import (
     UnsupportedMediaType,
     UploadTooLarge,
 )
+from ondemand.protocol import GRANULARITIES
 from ondemand.spool import write_npy
 
 CHUNK = 1 << 16
 MAX_FIELD_BYTES = 4096
 MAX_KEY_CHARS = 200
-GRANULARITIES = ("utterance", "frame")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 CONFIG = web.AppKey("config", Config)
@@ -307,7 +307,7 @@ async def status(request: web.Request) -> web.Response:
     cfg = app[CONFIG]
     counts = await app[STORE].counts()
     return web.json_response({
-        "worker": app[SUPERVISOR].status(),
+        "worker": app[SUPERVISOR].status().to_json(),
         "queue": {**counts, "max_pending": cfg.queue.max_pending},
         "idle": {"unload_after_s": cfg.worker.unload_after_s,
                  "exit_after_s": cfg.worker.exit_after_s},
@@ -334,7 +334,7 @@ async def worker_load(request: web.Request) -> web.Response:
     wait = _flag(wait, "wait") if isinstance(wait, str) else bool(wait)
     sup = request.app[SUPERVISOR]
     await sup.load("manual", hold_s=hold_s, wait=wait)
-    return web.json_response(sup.status(), status=200 if wait else 202)
+    return web.json_response(sup.status().to_json(), status=200 if wait else 202)
 
 
 async def worker_unload(request: web.Request) -> web.Response:
@@ -343,7 +343,7 @@ async def worker_unload(request: web.Request) -> web.Response:
     exit_ = _flag(exit_, "exit") if isinstance(exit_, str) else bool(exit_)
     sup = request.app[SUPERVISOR]
     await sup.unload("manual", exit=exit_)
-    return web.json_response(sup.status(), status=202)
+    return web.json_response(sup.status().to_json(), status=202)
 
 
 async def healthz(request: web.Request) -> web.Response:

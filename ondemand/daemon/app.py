@@ -31,9 +31,10 @@ from ondemand.cost import api as cost_api
 from ondemand.daemon import api
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
-from ondemand.daemon.http import Handler, error_middleware, response_for
+from ondemand.daemon.http import Handler, error_middleware, make_runner, response_for
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
+from ondemand.daemon.upload import Decoder
 from ondemand.errors import ConfigError, Unauthorized
 from ondemand.gpu import GpuProbe
 from ondemand.prewarm import api as prewarm_api
@@ -43,31 +44,63 @@ log = logging.getLogger(__name__)
 # Everything else needs the bearer token when one is set (issue 6: "every endpoint except
 # /healthz"); /readyz reports queue and worker state, so it is behind the token too.
 OPEN_PATHS = ("/healthz",)
+MIN_TOKEN_CHARS = 16
+TOKEN_HELP = ("Generate a token with: python -c 'import secrets; "
+              "print(secrets.token_urlsafe(32))'")
+BEARER = "Bearer "
 
 
 def check_bind(cfg: Config) -> None:
-    """Refuse to listen beyond loopback without a token unless explicitly allowed."""
+    """Refuse to listen beyond loopback without a token unless explicitly allowed, or with a
+    token a network attacker could guess (issue 10: one character, or a single space, passed)."""
     host = cfg.server.host
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback and not cfg.auth_token() and not cfg.server.allow_insecure_bind:
+    if loopback:
+        return
+    token = cfg.auth_token()
+    if not token:
+        if cfg.server.allow_insecure_bind:
+            return
         raise ConfigError(
             f"server.host: {host!r} is reachable from other machines but no server.token (or "
             "ONDEMAND_TOKEN) is set; set a token, bind 127.0.0.1, or set "
-            "server.allow_insecure_bind = true"
+            f"server.allow_insecure_bind = true. {TOKEN_HELP}"
+        )
+    problem = token_problem(token)
+    if problem:
+        source = "server.token" if cfg.server.token else "ONDEMAND_TOKEN"
+        raise ConfigError(
+            f"{source}: {problem}, too weak for server.host {host!r} (reachable from other "
+            f"machines). {TOKEN_HELP}"
         )
 
 
+def token_problem(token: str) -> str | None:
+    """Why `token` cannot guard a network-facing daemon, or None."""
+    if token != token.strip():
+        return "starts or ends with whitespace, which HTTP strips from headers"
+    if not (token.isascii() and token.isprintable()):
+        return "holds control or non-ASCII characters"
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"is {len(token)} characters long; at least {MIN_TOKEN_CHARS} are needed"
+    return None
+
+
 def _auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
+    expected = f"{BEARER}{token}".encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token and request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            given = request.headers.get("Authorization", "")
+            if given[:len(BEARER)].lower() == BEARER.lower():  # the scheme is case-insensitive
+                given = BEARER + given[len(BEARER):]
+            # One constant-time comparison of the whole header; aiohttp decodes headers as UTF-8
+            # with surrogateescape, so this encodes any bytes a client sent (no 500).
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 return response_for(Unauthorized(
                     "missing or wrong bearer token; send `Authorization: Bearer <token>` "
                     "(server.token / ONDEMAND_TOKEN)"))
@@ -92,6 +125,7 @@ def build_app(
     app[api.BUS] = bus
     app[api.WATCH] = api.JobWatch(bus)
     app[api.DRAINING] = asyncio.Event()
+    app[api.DECODER] = Decoder(cfg.audio, cfg.server.max_concurrent_decodes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = Store(Path(cfg.storage.dir), max_pending=cfg.queue.max_pending)
@@ -171,7 +205,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
     app = build_app(cfg)
     notifier = Notifier()
     service: ServiceNotifier | None = None
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, cfg.server, handle_signals=False, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ from ondemand.config import Config
 from ondemand.cost.ledger import LEDGER_FILE, Phase, connect, read_intervals
 from ondemand.daemon import api
 from ondemand.daemon.events import ModelLoaded
+from ondemand.daemon.worker_status import WorkerStatus
 from ondemand.prewarm.scheduler import PrewarmScheduler, utc_now, zone_name
 
 log = logging.getLogger(__name__)
@@ -94,16 +95,16 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/prewarm", get_prewarm)
 
 
-def holds(worker: dict[str, Any], now: datetime, sched: PrewarmScheduler) -> list[dict[str, Any]]:
+def holds(worker: WorkerStatus, now: datetime, sched: PrewarmScheduler) -> list[dict[str, Any]]:
     """The supervisor's active hold (overlapping holds are merged there into one, owned by the
     trigger whose hold ends last), with its end."""
-    left = worker.get("hold_s")
+    left = worker.hold_s
     if not left:
         return []
-    end = now + timedelta(seconds=float(left))
+    end = now + timedelta(seconds=left)
     return [{
-        "trigger": worker.get("hold_trigger"),
-        "remaining_s": round(float(left), 3),
+        "trigger": worker.hold_trigger,
+        "remaining_s": round(left, 3),
         "until": {"local": end.astimezone(sched.local_tz).isoformat(), "utc": end.isoformat()},
     }]
 
@@ -117,5 +118,6 @@ async def get_prewarm(request: web.Request) -> web.Response:
     now = sched.now()
     doc["timezone"] = zone_name(sched.local_tz)
     doc["holds"] = holds(worker, now, sched)
-    doc["worker"] = {k: worker.get(k) for k in ("state", "trigger", "warm_because")}
+    doc["worker"] = {"state": worker.state.value, "trigger": worker.trigger,
+                     "warm_because": worker.warm_because}
     return web.json_response(doc)
