@@ -42,6 +42,25 @@ class ConfigError(OndemandError):
     code = "config"
 
 
+class StorageError(OndemandError):
+    """`storage.dir` cannot be used at start: not a directory, not writable, or a job database
+    that is corrupt or not ours.  The message names the path and says what to do."""
+
+    code = "storage"
+
+
+class StorageLocked(StorageError):
+    """Another daemon holds `storage.dir` (its lock file names the PID)."""
+
+    code = "storage_locked"
+
+
+class ListenFailed(OndemandError):
+    """The daemon cannot listen on `server.host:server.port` (in use, not permitted)."""
+
+    code = "listen_failed"
+
+
 class ModelError(OndemandError):
     """A model that cannot be loaded or validated.  The message says how to fix it."""
 
@@ -171,6 +190,13 @@ class StorageFull(OndemandError):
 
     code = "insufficient_storage"
     status = 507
+
+
+class StorageUnavailable(Unavailable):
+    """The job database fails while the daemon runs (corrupt, I/O error, read-only): nothing
+    was changed; `/readyz` is 503 until it works again.  Details go to the log only."""
+
+    code = "storage_unavailable"
 
 
 # -- job failures (recorded on the job, never raised at a client) ------------------------------

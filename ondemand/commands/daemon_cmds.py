@@ -62,8 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start-up refusals (bad config, storage.dir unusable or held by another daemon, damaged
+    job database, port in use) are OndemandErrors: one line and exit 2 from cli.main."""
     import asyncio
+    import signal
 
+    # Until serve() has its handlers, SIGINT/SIGTERM wait (blocked) rather than interrupt an
+    # import with a KeyboardInterrupt traceback or kill a half-opened daemon; serve() unblocks
+    # them and a pending one then stops the daemon in order (issue 10).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     from ondemand.daemon.app import serve
 
     cfg = _config(args)

@@ -355,6 +355,10 @@ async def readyz(request: web.Request) -> web.Response:
     if app[DRAINING].is_set():
         return web.json_response({"ready": False, "reason": "shutting down"}, status=503,
                                  headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
+    if not app[STORE].healthy:  # a failing job database (store.py): the reason, logged once
+        return web.json_response(
+            {"ready": False, "reason": f"job database failing: {app[STORE].error}"},
+            status=503, headers={"Retry-After": "5"})
     counts = await app[STORE].counts()
     pending = counts[QUEUED] + counts["running"]
     if pending >= app[CONFIG].queue.max_pending:

@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,14 +29,15 @@ from aiohttp.typedefs import Middleware
 
 from ondemand.config import Config
 from ondemand.cost import api as cost_api
-from ondemand.daemon import api
+from ondemand.daemon import api, listen
+from ondemand.daemon import lock as storage_lock
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
 from ondemand.daemon.http import Handler, error_middleware, make_runner, response_for
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
 from ondemand.daemon.upload import Decoder
-from ondemand.errors import ConfigError, Unauthorized
+from ondemand.errors import ConfigError, StorageUnavailable, Unauthorized
 from ondemand.gpu import GpuProbe
 from ondemand.prewarm import api as prewarm_api
 
@@ -178,6 +180,8 @@ async def _purge_loop(store: Store, cfg: Config) -> None:
     while True:
         try:
             await store.purge(time.time() - retain_s)
+        except StorageUnavailable:
+            pass  # the store logged the failing database once; a line per purge would be noise
         except Exception:
             log.exception("purge failed; retrying in %gs", cfg.queue.purge_interval_s)
         await asyncio.sleep(cfg.queue.purge_interval_s)
@@ -195,37 +199,60 @@ async def drain(app: web.Application) -> None:
 async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly).
     Under systemd (Type=notify) it sends READY=1 once listening, STATUS= lines, watchdog pings
-    and STOPPING=1 (ondemand/daemon/service.py)."""
+    and STOPPING=1 (ondemand/daemon/service.py).
+
+    Start-up order: signal handlers first (a signal at any later point stops the daemon in order,
+    never a traceback); then storage.dir's lock (daemon/lock.py), before anything in it is opened
+    or recovered; then the listening sockets (daemon/listen.py); only then the components, whose
+    store and ledger check their databases.  Each refusal is an OndemandError with one line
+    (exit 2 from the CLI): storage.dir unusable or held by another daemon, a damaged job
+    database, the port in use (issue 10)."""
     import signal
 
-    from ondemand.daemon.sdnotify import Notifier
-    from ondemand.daemon.service import ServiceNotifier
-
-    check_bind(cfg)
-    app = build_app(cfg)
-    notifier = Notifier()
-    service: ServiceNotifier | None = None
-    runner = make_runner(app, cfg.server, handle_signals=False, access_log=None)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # `ondemand serve` blocks both until here, so one sent during the imports waits for the
+    # handler above instead of raising KeyboardInterrupt inside an import (commands/daemon_cmds).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    check_bind(cfg)
+    with contextlib.ExitStack() as resources:  # released in reverse order, however it ends
+        resources.callback(storage_lock.acquire(Path(cfg.storage.dir)).release)
+        socks = listen.bind(cfg.server.host, cfg.server.port)
+        for sock in socks:
+            resources.callback(sock.close)
+        await _run(cfg, socks, stop, ready)
+
+
+async def _run(cfg: Config, socks: list[socket.socket], stop: asyncio.Event,
+               ready: asyncio.Event | None) -> None:
+    """The app on the bound sockets until `stop`, then drain and clean up."""
+    from ondemand.daemon.sdnotify import Notifier
+    from ondemand.daemon.service import ServiceNotifier
+
+    app = build_app(cfg)
+    notifier = Notifier()
+    service: ServiceNotifier | None = None
+    runner = make_runner(app, cfg.server, handle_signals=False, access_log=None)
     try:
-        site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
-                           shutdown_timeout=cfg.server.stop_timeout_s)
-        await site.start()
-        for addr in runner.addresses:
-            host, port = addr[:2]
-            log.info("ondemand serving on http://%s:%d (storage %s)", host, port,
-                     Path(cfg.storage.dir).resolve())
-        service = ServiceNotifier(app, notifier)
-        await service.tick(ping=False)  # STATUS first: `systemctl status` never shows nothing
-        notifier.ready()
-        service.start()
-        if ready is not None:
-            ready.set()
-        await stop.wait()
+        await runner.setup()  # opens (and checks) the ledger and the store
+        if not stop.is_set():  # a signal during start-up: stop without ever serving
+            for sock in socks:
+                await web.SockSite(runner, sock,
+                                   shutdown_timeout=cfg.server.stop_timeout_s).start()
+            for addr in runner.addresses:
+                host, port = addr[:2]
+                log.info("ondemand serving on http://%s:%d (storage %s)", host, port,
+                         Path(cfg.storage.dir).resolve())
+            service = ServiceNotifier(app, notifier)
+            await service.tick(ping=False)  # STATUS first: `systemctl status` never shows nothing
+            notifier.ready()
+            service.start()
+            if ready is not None:
+                ready.set()
+            await stop.wait()
         log.info("ondemand shutting down: draining (server.stop_timeout_s=%g)",
                  cfg.server.stop_timeout_s)
         notifier.stopping("stopping: running batch finishing, queued jobs kept")

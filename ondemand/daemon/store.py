@@ -11,7 +11,15 @@ Invariants:
 - `finish()` only moves a job that is `running`; a result that arrives for a job that was requeued,
   cancelled or purged is dropped, so every job completes exactly once.
 - On open, `running` jobs (the previous process died under them) go back to `queued`; their
-  `attempts` already count the interrupted run.
+  `attempts` already count the interrupted run.  Only the daemon holding storage.dir's lock
+  (daemon/lock.py, taken by `serve()`) may open the store: recovery assumes no one else runs.
+- The database is checked before it is used (ondemand/dbcheck.py): an empty, garbage,
+  truncated, corrupt or foreign file refuses start-up with one line naming the jobs that can
+  still be read and the exact `mv` that moves it aside, never a traceback or a silent new queue.
+- At run time a failing database (corrupt, I/O error, read-only) turns `healthy` false with the
+  reason in `error`, logged once per change, and callers get 503 `storage_unavailable`;
+  corruption stays until a restart, the others clear on the next committed write (issue 10: every
+  job request was a 500 while /readyz said ready).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import json
 import logging
 import queue
+import shlex
 import sqlite3
 import threading
 import time
@@ -30,7 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ondemand.errors import JobConflict, JobNotFound, QueueFull
+from ondemand import dbcheck
+from ondemand.dbcheck import Damage
+from ondemand.errors import (
+    JobConflict,
+    JobNotFound,
+    QueueFull,
+    StorageError,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +55,11 @@ T = TypeVar("T")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL = (DONE, FAILED, CANCELLED)
 _GROUP_MAX = 512  # operations per shared transaction
+DB_FILE = "jobs.sqlite3"
+APP_ID = 0x6F6E6A62  # PRAGMA application_id: "onjb", an ondemand job database
+SCHEMA_VERSION = 1  # PRAGMA user_version
+_COLUMNS = {"seq", "id", "status", "key", "granularity", "embedding", "duration_s", "created",
+            "started", "finished", "attempts", "result", "error", "timings"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -110,6 +132,78 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     )
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA application_id = {APP_ID}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.executescript(SCHEMA)
+    conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    """The job database's connection, the file created whole when absent; raises Damage when it
+    is not a healthy job database of ours (nothing is written to it then)."""
+    if not path.exists():
+        dbcheck.create(path, _create_schema)
+    dbcheck.check_file(path)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.row_factory = sqlite3.Row
+        dbcheck.check_open(conn, app_id=APP_ID, version=SCHEMA_VERSION, table="jobs",
+                           columns=_COLUMNS, what="job database")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise Damage("corrupt", f"is corrupt ({e})") from e
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _readable_jobs(path: Path) -> str:
+    """Best effort: what a refused job database still shows (status counts, pending ids)."""
+    counts: dict[str, int] = {}
+    pending: list[str] = []
+    complete = True
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return "no job can be read from it"
+    try:
+        try:
+            for job_id, status in conn.execute("SELECT id, status FROM jobs"):
+                counts[status] = counts.get(status, 0) + 1
+                if status in (QUEUED, RUNNING):
+                    pending.append(job_id)
+        except sqlite3.Error:
+            complete = False
+        if not complete:  # a damaged table: count from the status index, look rows up one by one
+            counts, pending = {}, []
+            with contextlib.suppress(sqlite3.Error):
+                for status, seq in conn.execute(
+                        "SELECT status, seq FROM jobs INDEXED BY jobs_status").fetchall():
+                    counts[status] = counts.get(status, 0) + 1
+                    if status in (QUEUED, RUNNING):
+                        with contextlib.suppress(sqlite3.Error):
+                            pending.extend(r[0] for r in conn.execute(
+                                "SELECT id FROM jobs WHERE seq = ?", (seq,)))
+    finally:
+        conn.close()
+    if not counts:
+        return "no job can be read from it"
+    order = [QUEUED, RUNNING, DONE, FAILED, CANCELLED]
+    told = ", ".join(f"{counts[st]} {st}" for st in sorted(
+        counts, key=lambda st: order.index(st) if st in order else len(order)))
+    ids = ""
+    if pending:
+        more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+        ids = f"; pending ids: {', '.join(pending[:3])}{more}"
+    partial = "" if complete else " (partly: the table is damaged)"
+    return f"still readable{partial}: {told}{ids}"
+
+
 class _DbThread(threading.Thread):
     """Owns the sqlite3 connection; runs submitted functions in group-committed transactions."""
 
@@ -119,6 +213,9 @@ class _DbThread(threading.Thread):
         self._ops: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None]
         self._ops = queue.Queue()
         self.ready: Future[None] = Future()
+        # Written only by this thread, read anywhere: None while the database works.
+        self.error: str | None = None
+        self._corrupt = False
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         fut: Future[T] = Future()
@@ -130,11 +227,7 @@ class _DbThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
+            conn = _open_checked(self._path)
         except Exception as e:
             self.ready.set_exception(e)
             return
@@ -157,8 +250,24 @@ class _DbThread(threading.Thread):
             self._run_group(conn, group)
         conn.close()
 
-    @staticmethod
+    def _health(self, conn: sqlite3.Connection, outcomes: list[tuple[bool, Any]],
+                changes_before: int) -> None:
+        """Track whether the database works; log only when that changes."""
+        failed = next((v for ok, v in outcomes if not ok and dbcheck.failure(v)), None)
+        if failed is not None:
+            self._corrupt = self._corrupt or dbcheck.is_corruption(failed)
+            reason = dbcheck.failure(failed)
+            if self.error is None:
+                log.error("store database failing: %s: %s; jobs answer 503 storage_unavailable"
+                          " and /readyz is not ready; stop the daemon and start it again to "
+                          "have the database checked", self._path, reason)
+            self.error = reason
+        elif self.error is not None and not self._corrupt and conn.total_changes > changes_before:
+            log.warning("store database works again: %s", self._path)
+            self.error = None
+
     def _run_group(
+        self,
         conn: sqlite3.Connection,
         group: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
     ) -> None:
@@ -169,6 +278,7 @@ class _DbThread(threading.Thread):
         if not group:
             return
         outcomes: list[tuple[bool, Any]] = []
+        changes_before = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, _ in group:
@@ -185,6 +295,7 @@ class _DbThread(threading.Thread):
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
             outcomes = [(False, e)] * len(group)
+        self._health(conn, outcomes, changes_before)
         for (_, fut), (ok, value) in zip(group, outcomes, strict=True):
             if ok:
                 fut.set_result(value)
@@ -197,7 +308,7 @@ class Store:
         self.dir = directory
         self.spool_dir = directory / "spool"
         self.results_dir = directory / "results"
-        self.db_path = directory / "jobs.sqlite3"
+        self.db_path = directory / DB_FILE
         self.max_pending = max_pending
         self._db: _DbThread | None = None
 
@@ -209,7 +320,11 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         self._db = _DbThread(self.db_path)
         self._db.start()
-        await asyncio.wrap_future(self._db.ready)
+        try:
+            await asyncio.wrap_future(self._db.ready)
+        except Damage as e:
+            self._db = None
+            raise StorageError(await asyncio.to_thread(self._refusal, e)) from e
 
         def recover(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
@@ -240,6 +355,36 @@ class Store:
         if swept:
             log.info("store removed %d orphaned spool file(s)", swept)
 
+    def _refusal(self, damage: Damage) -> str:
+        """One line: the file, what is wrong, what can still be read, the exact command that
+        moves it aside (with the spool and results that belong to it)."""
+        aside = self.dir / f"{DB_FILE}.{damage.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        moved = [*dbcheck.companions(self.db_path),
+                 *(d for d in (self.spool_dir, self.results_dir) if d.exists())]
+        cmd = (f"mkdir {shlex.quote(str(aside))} && mv "
+               f"{' '.join(shlex.quote(str(p)) for p in moved)} {shlex.quote(str(aside))}/")
+        readable = ("no job can be read from it" if damage.kind in ("empty", "not_sqlite")
+                    else _readable_jobs(self.db_path))
+        if damage.kind == "foreign":
+            todo = ("check storage.dir (is it the right directory?); to start an empty queue "
+                    f"here, move it aside: {cmd}")
+        elif damage.kind == "newer":
+            todo = f"run that newer ondemand, or start an empty queue by moving it aside: {cmd}"
+        else:
+            todo = ("to start with an empty queue, move it aside with its spooled audio "
+                    f"(keep it to salvage what is readable): {cmd}")
+        return (f"the job database {self.db_path} {damage.detail}; {readable}; the daemon will "
+                f"not start on it: {todo}")
+
+    @property
+    def healthy(self) -> bool:
+        """False while the database is failing (the reason is in `error`)."""
+        return self.error is None
+
+    @property
+    def error(self) -> str | None:
+        return self._db.error if self._db is not None else None
+
     async def close(self) -> None:
         if self._db is not None:
             self._db.stop()
@@ -249,7 +394,15 @@ class Store:
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
             raise RuntimeError("store is not open")
-        return await asyncio.wrap_future(self._db.submit(fn))
+        try:
+            return await asyncio.wrap_future(self._db.submit(fn))
+        except sqlite3.DatabaseError as e:
+            reason = dbcheck.failure(e)
+            if reason is None:
+                raise
+            raise StorageUnavailable(
+                f"the job database is failing ({reason}); nothing was changed; retry later "
+                "(the server log says what the operator must do)") from e
 
     # -- paths -----------------------------------------------------------------------------
     def audio_path(self, job_id: str) -> Path:
