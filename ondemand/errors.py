@@ -121,6 +121,26 @@ class AudioUndecodable(AudioError):
     code = "undecodable"
 
 
+class AudioOutOfRange(AudioError):
+    """Float samples of absurd magnitude (e.g. 3e38): finite, but no microphone records them, and
+    they overflow the model's float32 arithmetic into NaN scores (issue 10)."""
+
+    code = "out_of_range"
+
+
+class AudioBadSampleRate(AudioError):
+    """A sample rate above what any audio interface records (FLAC allows 655,350 Hz)."""
+
+    code = "bad_sample_rate"
+
+
+class AudioTooManySamples(AudioError):
+    """More source samples (rate x channels x duration) than `audio.max_decode_mb` allows: the
+    decode's cost follows the source, not the 16 kHz result (issue 10)."""
+
+    code = "too_many_samples"
+
+
 class UploadTooLarge(AudioError):
     code = "too_large"
     status = 413
@@ -129,6 +149,20 @@ class UploadTooLarge(AudioError):
 class UnsupportedMediaType(AudioError):
     code = "unsupported_media_type"
     status = 415
+
+
+class RequestTimeout(BadRequest):
+    """The request body stalled for longer than `server.read_timeout_s`."""
+
+    code = "request_timeout"
+    status = 408
+
+
+class RequestTooLarge(BadRequest):
+    """The request line or a header line is longer than the HTTP parser accepts, or there are
+    too many headers (aiohttp refuses these before any handler runs)."""
+
+    code = "request_too_large"
 
 
 class Unauthorized(OndemandError):

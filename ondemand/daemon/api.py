@@ -1,8 +1,10 @@
 """HTTP API v1 handlers.  Errors are raised as OndemandError and rendered by daemon/http.py.
 
-Submission path (the only hot path): read the upload under `server.max_upload_mb`, decode and
-validate it in a thread (so bad input never reaches the queue, let alone the GPU), spool the
-16 kHz float32 samples with fsync, commit the row (group-committed), and only then answer 202.
+Submission path (the only hot path): read the upload under `server.max_upload_mb` and
+`server.read_timeout_s`, decode and validate it in a thread, `server.max_concurrent_decodes` at a
+time (daemon/upload.py: bad input never reaches the queue, let alone the GPU), spool the 16 kHz
+float32 samples with fsync, commit the row (group-committed), and only then answer 202.
+Every JSON answer goes through http.json_response (NaN and Infinity are refused, not written).
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ import functools
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import PurePath
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from ondemand.audio import decode
 from ondemand.config import Config
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.http import json_response
 from ondemand.daemon.store import (
     FINAL,
     QUEUED,
@@ -31,21 +33,18 @@ from ondemand.daemon.store import (
     Store,
 )
 from ondemand.daemon.supervisor import Supervisor
+from ondemand.daemon.upload import Decoder, read_upload
 from ondemand.errors import (
-    AudioTooShort,
     BadRequest,
     JobConflict,
     JobNotFound,
+    RequestTimeout,
     ShuttingDown,
     StorageFull,
-    UnsupportedMediaType,
-    UploadTooLarge,
 )
 from ondemand.protocol import GRANULARITIES
 from ondemand.spool import write_npy
 
-CHUNK = 1 << 16
-MAX_FIELD_BYTES = 4096
 MAX_KEY_CHARS = 200
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -54,6 +53,7 @@ BUS = web.AppKey("bus", EventBus)
 STORE = web.AppKey("store", Store)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+DECODER = web.AppKey("decoder", Decoder)
 # Set when SIGTERM starts the drain (app.drain): new work is refused with 503 shutting_down,
 # long-polls return at once, /readyz turns 503; queued jobs stay for the next start.
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -120,60 +120,6 @@ def _storage_error(e: OSError) -> Exception:
     return e
 
 
-def _too_large(limit_mb: float) -> UploadTooLarge:
-    return UploadTooLarge(
-        f"the upload is larger than the limit of {limit_mb:g} MB (server.max_upload_mb); "
-        "send a shorter or compressed clip")
-
-
-async def _read_limited(
-    read: Callable[[int], Awaitable[bytes]], limit: int, limit_mb: float
-) -> bytes:
-    buf = bytearray()
-    while True:
-        chunk = await read(CHUNK)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > limit:
-            raise _too_large(limit_mb)
-
-
-async def read_upload(request: web.Request, limit_mb: float) -> tuple[bytes, str, dict[str, str]]:
-    """(audio bytes, client file name, form fields) from a multipart or raw audio/* body."""
-    limit = int(limit_mb * 1024 * 1024)
-    if request.content_length is not None and request.content_length > limit + 64 * 1024:
-        raise _too_large(limit_mb)
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        audio: bytes | None = None
-        filename = ""
-        fields: dict[str, str] = {}
-        try:
-            reader = await request.multipart()
-            async for part in reader:
-                if not isinstance(part, BodyPartReader) or not part.name:
-                    continue
-                if part.name == "audio":
-                    audio = await _read_limited(part.read_chunk, limit, limit_mb)
-                    filename = part.filename or ""
-                else:
-                    raw = await _read_limited(part.read_chunk, MAX_FIELD_BYTES, limit_mb)
-                    fields[part.name] = raw.decode("utf-8", "replace")
-        except ValueError as e:  # aiohttp: no/unknown boundary, truncated body (was a 500)
-            raise BadRequest(
-                "malformed multipart/form-data body (missing or wrong boundary, or cut short); "
-                "send the clip as the file field `audio`") from e
-        if audio is None:
-            raise BadRequest("the multipart form has no `audio` file field")
-        return audio, filename, fields
-    if ctype.startswith("audio/") or ctype == "application/octet-stream":
-        return await _read_limited(request.content.read, limit, limit_mb), "", {}
-    raise UnsupportedMediaType(
-        f"unsupported content type {ctype or '(none)'!r}: send the audio as a multipart field "
-        "`audio` or as a raw body with an audio/* content type")
-
-
 def refuse_if_draining(app: web.Application) -> None:
     if app[DRAINING].is_set():
         raise ShuttingDown(
@@ -198,15 +144,12 @@ async def submit(request: web.Request) -> tuple[Job, int]:
     app = request.app
     cfg, store = app[CONFIG], app[STORE]
     refuse_if_draining(app)
-    data, filename, fields = await read_upload(request, cfg.server.max_upload_mb)
-    granularity, embedding, key = _options(request, fields)
+    upload = await read_upload(request, cfg.server)
+    granularity, embedding, key = _options(request, upload.fields)
+    decoded = await app[DECODER].decode(upload.audio)
+    filename = upload.filename
+    del upload  # the encoded bytes (up to server.max_upload_mb) are not needed past the decode
     loop = asyncio.get_running_loop()
-    decoded = await loop.run_in_executor(
-        None, functools.partial(decode, data, max_seconds=cfg.audio.max_seconds))
-    if decoded.duration_s < cfg.audio.min_seconds:
-        raise AudioTooShort(
-            f"the audio is too short: {decoded.duration_s * 1000:.1f} ms; the minimum is "
-            f"{cfg.audio.min_seconds * 1000:g} ms (audio.min_seconds)")
     job_id = secrets.token_urlsafe(16)
     job = Job(id=job_id, status=QUEUED, key=key or PurePath(filename).stem or job_id,
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
@@ -263,12 +206,12 @@ async def post_job(request: web.Request) -> web.Response:
     body = {"id": job.id, "status": job.status, "position": position,
             "worker": request.app[SUPERVISOR].state.value,
             "eta_s": request.app[DISPATCHER].eta_s(position)}
-    return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await _wait_final(request, request.match_info["id"], _wait_param(request))
-    return web.json_response(job.to_json())
+    return json_response(job.to_json())
 
 
 async def get_embedding(request: web.Request) -> web.StreamResponse:
@@ -288,25 +231,25 @@ async def delete_job(request: web.Request) -> web.Response:
     if outcome == "cancelled":
         request.app[BUS].publish(JobFinished(job=job_id, status="cancelled", queue_s=None,
                                              compute_s=None, attempts=0))
-        return web.json_response({"id": job_id, "status": "cancelled"})
-    return web.json_response({"id": job_id, "deleted": True})
+        return json_response({"id": job_id, "status": "cancelled"})
+    return json_response({"id": job_id, "deleted": True})
 
 
 async def recognize(request: web.Request) -> web.Response:
     job, position = await submit(request)
     job = await _wait_final(request, job.id, request.app[CONFIG].server.max_wait_s)
     if job.status in FINAL:
-        return web.json_response(job.to_json())
+        return json_response(job.to_json())
     body = job.to_json()
     body["position"] = position
-    return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def status(request: web.Request) -> web.Response:
     app = request.app
     cfg = app[CONFIG]
     counts = await app[STORE].counts()
-    return web.json_response({
+    return json_response({
         "worker": app[SUPERVISOR].status().to_json(),
         "queue": {**counts, "max_pending": cfg.queue.max_pending},
         "idle": {"unload_after_s": cfg.worker.unload_after_s,
@@ -317,8 +260,13 @@ async def status(request: web.Request) -> web.Response:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
+    stall_s = request.app[CONFIG].server.read_timeout_s
     try:
-        body = await request.json()
+        async with asyncio.timeout(stall_s):  # a small body: all of it within the stall limit
+            body = await request.json()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {stall_s:g} s "
+                             "(server.read_timeout_s)") from None
     except ValueError:
         raise BadRequest("the request body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -334,7 +282,7 @@ async def worker_load(request: web.Request) -> web.Response:
     wait = _flag(wait, "wait") if isinstance(wait, str) else bool(wait)
     sup = request.app[SUPERVISOR]
     await sup.load("manual", hold_s=hold_s, wait=wait)
-    return web.json_response(sup.status().to_json(), status=200 if wait else 202)
+    return json_response(sup.status().to_json(), status=200 if wait else 202)
 
 
 async def worker_unload(request: web.Request) -> web.Response:
@@ -343,28 +291,28 @@ async def worker_unload(request: web.Request) -> web.Response:
     exit_ = _flag(exit_, "exit") if isinstance(exit_, str) else bool(exit_)
     sup = request.app[SUPERVISOR]
     await sup.unload("manual", exit=exit_)
-    return web.json_response(sup.status().to_json(), status=202)
+    return json_response(sup.status().to_json(), status=202)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    return json_response({"ok": True})
 
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     if app[DRAINING].is_set():
-        return web.json_response({"ready": False, "reason": "shutting down"}, status=503,
-                                 headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
+        return json_response({"ready": False, "reason": "shutting down"}, status=503,
+                             headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
     if not app[STORE].healthy:  # a failing job database (store.py): the reason, logged once
-        return web.json_response(
+        return json_response(
             {"ready": False, "reason": f"job database failing: {app[STORE].error}"},
             status=503, headers={"Retry-After": "5"})
     counts = await app[STORE].counts()
     pending = counts[QUEUED] + counts["running"]
     if pending >= app[CONFIG].queue.max_pending:
-        return web.json_response({"ready": False, "reason": "queue full"}, status=503,
-                                 headers={"Retry-After": "5"})
-    return web.json_response({"ready": True, "worker": app[SUPERVISOR].state.value})
+        return json_response({"ready": False, "reason": "queue full"}, status=503,
+                             headers={"Retry-After": "5"})
+    return json_response({"ready": True, "worker": app[SUPERVISOR].state.value})
 
 
 def add_routes(app: web.Application) -> None:

@@ -28,6 +28,7 @@ from ondemand.config import Config
 from ondemand.cost.ledger import LEDGER_FILE, Phase, connect, read_intervals
 from ondemand.daemon import api
 from ondemand.daemon.events import ModelLoaded
+from ondemand.daemon.http import json_response
 from ondemand.daemon.worker_status import WorkerStatus
 from ondemand.prewarm.scheduler import PrewarmScheduler, utc_now, zone_name
 
@@ -120,4 +121,4 @@ async def get_prewarm(request: web.Request) -> web.Response:
     doc["holds"] = holds(worker, now, sched)
     doc["worker"] = {"state": worker.state.value, "trigger": worker.trigger,
                      "warm_because": worker.warm_because}
-    return web.json_response(doc)
+    return json_response(doc)
