@@ -411,13 +411,8 @@ class Supervisor:
             self._waiters.append(msg)  # load again once the process settles
 
     async def _on_unload(self, msg: _Unload) -> None:
-        try:
-            await self._unload(msg)
-        finally:
-            if msg.fut is not None and not msg.fut.done():
-                msg.fut.set_result(None)
-
-    async def _unload(self, msg: _Unload) -> None:
+        if msg.fut is not None and not msg.fut.done():
+            msg.fut.set_result(None)  # taken in; the unload itself may wait for in-flight work
         had_hold = bool(self._hold_trigger)
         self._hold_until, self._hold_trigger = 0.0, ""
         if had_hold:
