@@ -3,12 +3,19 @@ kind of malformed line is refused with one ProtocolError that says what was wron
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ondemand import errors
 from ondemand import protocol as p
+from ondemand.daemon import api
+from ondemand.daemon.process import ExitKind, WorkerProcess, make_spawn
 from ondemand.errors import ProtocolError
 
 MESSAGES: list[p.Message] = [
@@ -127,16 +134,53 @@ def test_malformed_lines_raise_one_protocol_error_saying_why(line: str | bytes, 
 
 
 def test_protocol_error_is_an_internal_error_with_its_own_code() -> None:
-    from ondemand import errors
-
     assert issubclass(ProtocolError, errors.InternalError)
     assert type(errors.from_code("protocol_error", "x")) is ProtocolError
 
 
 def test_granularities_are_defined_once() -> None:
-    from ondemand.daemon import api
-
     assert api.GRANULARITIES is p.GRANULARITIES == ("utterance", "frame")
     assert p.as_granularity("frame") == "frame"
     with pytest.raises(ProtocolError):
         p.as_granularity("word")
+
+
+# -- each side handles a malformed line in one place -------------------------------------------
+BREAKS_PROTOCOL = (
+    "import os, sys, time\n"
+    "from ondemand import protocol\n"
+    "sys.stdout.write(protocol.encode(protocol.Hello(pid=os.getpid())))\n"
+    "sys.stdout.write('{\"event\": \"progress\", \"done\": 3}\\n')\n"
+    "sys.stdout.flush()\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_the_daemon_kills_a_worker_that_breaks_the_protocol() -> None:
+    async def main() -> None:
+        events: list[p.Event] = []
+        exited: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        spawn = make_spawn([sys.executable, "-c", BREAKS_PROTOCOL])
+        proc = WorkerProcess(await spawn(), on_event=lambda _, ev: events.append(ev),
+                             on_exit=lambda _, rc: exited.set_result(rc))
+        rc = await asyncio.wait_for(exited, 20)
+        kind, detail = proc.classify(rc)
+        assert kind is ExitKind.PROTOCOL_ERROR, (kind, detail)
+        assert "unknown event 'progress'" in detail and "SIGKILL" in detail
+        assert events == [p.Hello(pid=proc.pid)]  # the good line before it got through
+        proc.close()
+
+    asyncio.run(main())
+
+
+def test_the_worker_ignores_a_malformed_op_and_keeps_serving() -> None:
+    fake = Path(__file__).with_name("fake_worker.py")
+    ops = "not json\n" + json.dumps({"op": "reboot"}) + "\n" + p.encode(p.Unload()) + p.encode(
+        p.Exit())
+    done = subprocess.run([sys.executable, str(fake)], input=ops, capture_output=True, text=True,
+                          timeout=30, check=False)
+    hello, *rest = [p.decode_event(line) for line in done.stdout.splitlines()]
+    assert isinstance(hello, p.Hello) and rest == [p.Unloaded()] and done.returncode == 0
+    warnings = [x for x in done.stderr.splitlines() if "not the protocol" in x]
+    assert len(warnings) == 2 and all(f"pid={hello.pid}" in w for w in warnings)
+    assert "not JSON" in warnings[0] and "unknown op 'reboot'" in warnings[1]
