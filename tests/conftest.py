@@ -5,7 +5,7 @@ tests/golden.py), never from one another.
 - `Daemon`: the real aiohttp app in-process on a real socket (127.0.0.1, port 0) with the fake
   worker subprocess (tests/fake_worker.py) or the real one, short timeouts from config.
 - `serve_config` + `start_serve`: `ondemand serve` in a subprocess, as an operator runs it.
-- `gated_worker`, `first_spawn_worker`, `frozen`: hold the fake worker at a point the test
+- `gated_worker`, `nth_spawn_worker`, `frozen`: hold the fake worker at a point the test
   chooses (before it starts, in a hung batch, SIGSTOPped), so a test never bets on how long a
   load, a batch or an unload takes.
 - `run_virtual`: an event loop on virtual time, for timing tests of code without real I/O.
@@ -124,15 +124,19 @@ def fake_log(path: Path) -> list[dict[str, Any]]:
 # -- the fake worker behind a small wrapper: a start gate, knobs for the first spawn only ----
 _WRAPPER = (
     "import json, os, sys, time\n"
-    "gate, marker, knobs, worker = sys.argv[1:5]\n"
+    "gate, spawns, nth, knobs, worker = sys.argv[1:6]\n"
     "while gate and not os.path.exists(gate):\n"
     "    time.sleep(0.01)\n"
-    "if marker:\n"
-    "    try:\n"
-    "        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))\n"
+    "if spawns:\n"
+    "    n = 1\n"
+    "    while True:  # this is spawn n: the first to create spawns/n\n"
+    "        try:\n"
+    "            os.close(os.open(os.path.join(spawns, str(n)), os.O_CREAT | os.O_EXCL))\n"
+    "            break\n"
+    "        except FileExistsError:\n"
+    "            n += 1\n"
+    "    if n == int(nth):\n"
     "        os.environ.update(json.loads(knobs))\n"
-    "    except FileExistsError:\n"
-    "        pass\n"
     "os.execv(sys.executable, [sys.executable, worker])\n"
 )
 
@@ -141,14 +145,17 @@ def gated_worker(gate: Path) -> list[str]:
     """A worker command: the fake worker, started only once `gate` exists.  Until then the
     supervisor waits for its hello (state starting), so every job submitted meanwhile is queued
     when the model becomes ready: the first batch holds them all, however slow the machine."""
-    return [sys.executable, "-c", _WRAPPER, str(gate), "", "", str(FAKE_WORKER)]
+    return [sys.executable, "-c", _WRAPPER, str(gate), "", "", "", str(FAKE_WORKER)]
 
 
-def first_spawn_worker(marker: Path, **knobs: str) -> list[str]:
-    """A worker command: the first fake worker spawned (the one that creates `marker`) runs
-    with these extra knobs (`hang_batch="1"`: its batches never return), later ones without."""
+def nth_spawn_worker(spawns: Path, nth: int, **knobs: str) -> list[str]:
+    """A worker command: the `nth` fake worker spawned (counted with files in `spawns`, across
+    daemon restarts) runs with these extra knobs, the others without; `hang_batch="1"` makes a
+    worker that is certain to be inside a batch when the test kills something."""
+    spawns.mkdir(parents=True, exist_ok=True)
     extra = {f"FAKE_{k.upper()}": str(v) for k, v in knobs.items()}
-    return [sys.executable, "-c", _WRAPPER, "", str(marker), json.dumps(extra), str(FAKE_WORKER)]
+    return [sys.executable, "-c", _WRAPPER, "", str(spawns), str(nth), json.dumps(extra),
+            str(FAKE_WORKER)]
 
 
 @contextlib.contextmanager
@@ -258,7 +265,7 @@ class Daemon:
         self.app[api.BUS].subscribe(self.events.append)
         self.runner = web.AppRunner(self.app, access_log=None)
         self.url = ""
-        self.http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Daemon:
         await self.runner.setup()
@@ -266,20 +273,25 @@ class Daemon:
         await site.start()
         host, port = self.runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
-        self.http = aiohttp.ClientSession(self.url)
+        self._http = aiohttp.ClientSession(self.url)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self.http is not None
         await self.http.close()
         await self.runner.cleanup()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """A client session on the daemon's URL (inside `async with`)."""
+        if self._http is None:
+            raise RuntimeError("use the Daemon inside `async with`")
+        return self._http
 
     @property
     def sup(self) -> Supervisor:
         return self.app[api.SUPERVISOR]
 
     async def submit(self, audio: bytes, *, expect: int = 202, **params: Any) -> dict[str, Any]:
-        assert self.http is not None
         query = {k: str(v) for k, v in params.items()}
         async with self.http.post("/v1/jobs", data=audio, params=query,
                                   headers={"Content-Type": "audio/wav"}) as r:
@@ -288,7 +300,6 @@ class Daemon:
             return body  # type: ignore[no-any-return]
 
     async def job(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
-        assert self.http is not None
         params = {"wait": str(wait)} if wait else {}
         async with self.http.get(f"/v1/jobs/{job_id}", params=params) as r:
             assert r.status == 200, await r.text()
@@ -304,7 +315,6 @@ class Daemon:
                 raise AssertionError(f"job {job_id} not final after {timeout}s: {job}")
 
     async def status(self) -> dict[str, Any]:
-        assert self.http is not None
         async with self.http.get("/v1/status") as r:
             return await r.json()  # type: ignore[no-any-return]
 

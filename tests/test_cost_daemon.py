@@ -37,7 +37,6 @@ def times(d: Daemon) -> dict[str, list[float]]:
 
 
 async def get_json(d: Daemon, path: str, **params: str) -> Any:
-    assert d.http is not None
     async with d.http.get(path, params=params) as r:
         assert r.status == 200, await r.text()
         return await r.json()
@@ -52,7 +51,6 @@ def test_cold_start_idle_ladder_cost_and_metrics(tmp_path: Path) -> None:
 
     async def main() -> tuple[dict[str, list[float]], Any, str]:
         async with Daemon(cfg, env=fake_env(load_s="0.3")) as d:
-            assert d.http is not None
             job = await d.final((await d.submit(wav_bytes(1.0), key="a"))["id"])
             assert job["status"] == "done"
             # Scrape and health-check hard while the idle ladder runs: the worker must still

@@ -26,7 +26,6 @@ def test_real_worker_matches_golden_scores(tmp_path: Path) -> None:
         )
         async with Daemon(cfg, worker_cmd=[sys.executable, "-m", "ondemand.worker"],
                           env=fake_env()) as d:
-            assert d.http is not None
             ids: dict[str, str] = {}
             for name in golden.clip_names():
                 form = aiohttp.FormData()

@@ -52,7 +52,6 @@ def test_a_job_that_arrives_while_unloading_runs_once_on_the_reloaded_model(
     async def main() -> None:
         log = tmp_path / "fake.log"
         async with Daemon(daemon_config(tmp_path), env=fake_env(log=str(log))) as d:
-            assert d.http is not None
             first = await d.final((await d.submit(wav_bytes(0.5), key="first"))["id"])
             assert first["status"] == "done"
             pid = d.sup.status()["pid"]

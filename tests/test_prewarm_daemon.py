@@ -48,7 +48,6 @@ def prewarm_daemon(tmp_path: Path, clock: Callable[[], datetime], hold: str,
 
 
 async def get(d: Daemon, path: str) -> dict[str, Any]:
-    assert d.http is not None
     async with d.http.get(path) as r:
         assert r.status == 200, await r.text()
         return await r.json()  # type: ignore[no-any-return]

@@ -80,7 +80,6 @@ class LiveDaemon:
     def post(self, body: bytes | aiohttp.FormData, ctype: str | None = "audio/wav",
              path: str = "/v1/jobs") -> tuple[int, dict[str, Any]]:
         async def go() -> tuple[int, dict[str, Any]]:
-            assert self.d.http is not None
             headers = {"Content-Type": ctype} if ctype else {}
             async with self.d.http.post(path, data=body, headers=headers) as r:
                 return r.status, await r.json()
@@ -114,7 +113,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveDaemon]:
         assert ld.d.sup.spawns == 0 and ld.d.sup.state.value == "cold"
 
         async def health() -> tuple[int, int, dict[str, Any]]:
-            assert ld.d.http is not None
             async with ld.d.http.get("/healthz") as h, ld.d.http.get("/readyz") as r:
                 return h.status, r.status, await ld.d.status()
 
@@ -212,7 +210,6 @@ def test_bad_input_catalogue(live: LiveDaemon) -> None:
             for _ in range(64):
                 yield b"\0" * 16384
 
-        assert live.d.http is not None
         async with live.d.http.post("/v1/jobs", data=chunks(),
                                     headers={"Content-Type": "audio/wav"}) as r:
             return r.status, await r.json()
@@ -419,7 +416,6 @@ def test_full_disk_while_spooling_injected_enospc(tmp_path: Path,
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:
-            assert d.http is not None
             async with d.http.post("/v1/jobs", data=wav_bytes(0.5),
                                    headers={"Content-Type": "audio/wav"}) as r:
                 body = await r.json()
@@ -505,7 +501,6 @@ def test_corrupt_model_file_fails_clearly_without_crash_loop(tmp_path: Path) -> 
             await asyncio.sleep(1.0)
             assert d.sup.spawns == 2  # no crash loop: two tries, then a visible backoff
             assert (await d.job(job["id"]))["status"] == "queued"  # waits for a fixed model
-            assert d.http is not None
             async with d.http.post("/v1/worker/load", json={}) as r:
                 assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
                 assert "model.pt" in (await r.json())["error"]["message"]

@@ -54,7 +54,6 @@ def test_every_endpoint_but_healthz_needs_the_token(tmp_path: Path) -> None:
     async def main() -> None:
         cfg = daemon_config(tmp_path, server={"token": TOKEN})
         async with Daemon(cfg) as d:
-            assert d.http is not None
             table = routes(d)
             assert ("GET", "/healthz") in table and ("POST", "/v1/jobs") in table
             bad_headers: list[dict[str, str]] = [
@@ -91,7 +90,6 @@ def test_token_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:
-            assert d.http is not None
             async with d.http.get("/v1/status") as r:
                 assert r.status == 401
             async with d.http.get("/v1/status", headers=AUTH) as r:
@@ -113,7 +111,6 @@ def test_token_is_compared_in_constant_time(tmp_path: Path,
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path, server={"token": TOKEN})) as d:
-            assert d.http is not None
             for headers in ({}, {"Authorization": "Bearer x"}, AUTH):
                 async with d.http.get("/v1/status", headers=headers) as r:
                     assert r.status in (200, 401)
@@ -157,7 +154,6 @@ def test_errors_carry_no_traceback_or_path(tmp_path: Path) -> None:
     async def main() -> None:
         cfg = daemon_config(tmp_path, server={"max_upload_mb": 0.05})
         async with Daemon(cfg) as d:
-            assert d.http is not None
             cases: list[tuple[str, str, dict[str, Any]]] = [
                 ("GET", "/nope", {}),
                 ("GET", "/v1/jobs/doesnotexist", {}),
@@ -216,7 +212,6 @@ def test_no_endpoint_reads_a_server_side_path(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:
-            assert d.http is not None
             p = str(secret)
             attempts: list[dict[str, Any]] = [
                 {"data": p.encode(), "headers": {"Content-Type": "audio/wav"}},
