@@ -78,6 +78,15 @@ def response_for(exc: OndemandError) -> web.Response:
     return response
 
 
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response` now, then close the connection.  For a stalled body: aiohttp would
+    otherwise linger (up to 10 s) reading the rest of a body that is not coming."""
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the answer is written; the transport flushes it, then closes
+    return response
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -85,6 +94,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except OndemandError as e:
         if e.status == 500:
             log.error("%s %s failed: %s: %s", request.method, request.path, e.code, e.message)
+        if isinstance(e, RequestTimeout):
+            return await _answer_and_close(request, response_for(e))
         return response_for(e)
     except web.HTTPException as e:
         if e.status < 400:

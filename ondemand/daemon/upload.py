@@ -159,15 +159,22 @@ class Decoder:
     def __init__(self, audio: AudioConfig, slots: int) -> None:
         self._audio = audio
         self._slots = asyncio.Semaphore(slots)
+        self.running = 0  # decode threads alive (a cancelled request's thread included)
+        self.waiting = 0  # uploads read, waiting for a slot
 
     async def decode(self, data: bytes) -> Decoded:
         """The validated 16 kHz clip, or an AudioError."""
-        await self._slots.acquire()
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
         try:
             thread = asyncio.get_running_loop().run_in_executor(None, self._decode, data)
         except BaseException:
             self._slots.release()
             raise
+        self.running += 1
         thread.add_done_callback(self._release)
         # shield: a cancelled request stops waiting, but its slot is held until the thread ends
         decoded = await asyncio.shield(thread)
@@ -178,6 +185,7 @@ class Decoder:
         return decoded
 
     def _release(self, thread: asyncio.Future[Decoded]) -> None:
+        self.running -= 1
         self._slots.release()
         if not thread.cancelled():
             thread.exception()  # retrieved: a cancelled request's failure is not "never retrieved"
