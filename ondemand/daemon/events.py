@@ -61,8 +61,10 @@ class ModelLoaded(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerExited(Event):
-    """A worker process ended.  `kind`: exited (asked), load_failed, load_timeout, crashed,
-    killed (by a signal we did not send: possibly the OOM killer), stop_escalated (we SIGKILLed)."""
+    """A worker process ended.  `kind` (daemon/process.py ExitKind): exited (asked), load_failed,
+    load_timeout, crashed, killed (by a signal we did not send: possibly the OOM killer),
+    stop_escalated (we SIGKILLed), protocol_error (we SIGKILLed it for a line that is not the
+    protocol)."""
 
     pid: int
     returncode: int | None
