@@ -55,13 +55,15 @@ def test_cold_start_idle_ladder_cost_and_metrics(tmp_path: Path) -> None:
             assert job["status"] == "done"
             # Scrape and health-check hard while the idle ladder runs: the worker must still
             # unload and exit on time (scrapes and health checks are not activity).
-            while d.sup.state.value != "cold":
+            async def scraped_until_cold() -> bool:
                 async with d.http.get("/metrics") as r:
                     assert r.status == 200
                     assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 async with d.http.get("/healthz") as r:
                     assert r.status == 200
-                await asyncio.sleep(0.01)
+                return d.sup.state.value == "cold"
+
+            await wait_for(scraped_until_cold, 20, "the worker back to zero under scrapes")
             t = times(d)
             activity: dict[int, list[float]] = {}  # in-flight count -> times it was reached
             for e in d.events:
