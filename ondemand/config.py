@@ -94,6 +94,15 @@ class ServerConfig:
     read_timeout_s: float = _setting(30.0, positive)
     # Uploads decoded at once; the rest wait their turn.  Bounds the front end's decode memory.
     max_concurrent_decodes: int = _setting(2, positive)
+    # Upload bodies held in memory at once (received or waiting for a decode), MB.
+    max_buffered_uploads_mb: float = _setting(200.0, positive)
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.max_buffered_uploads_mb < self.max_upload_mb:
+            return "max_buffered_uploads_mb", (
+                f"must be >= server.max_upload_mb ({self.max_upload_mb:g}), "
+                f"got {self.max_buffered_uploads_mb:g}")
+        return None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ TABLE: list[tuple[dict[str, Any], str]] = [
     ({"server": {"read_timeout_s": 0}}, r"^server\.read_timeout_s: must be > 0"),
     ({"server": {"read_timeout_s": -1}}, r"^server\.read_timeout_s: must be > 0"),
     ({"server": {"max_concurrent_decodes": 0}}, r"^server\.max_concurrent_decodes: must be > 0"),
+    ({"server": {"max_upload_mb": 300}},
+     r"^server\.max_buffered_uploads_mb: must be >= server\.max_upload_mb \(300\), got 200$"),
     ({"server": {"max_concurrent_decodes": 1.5}},
      r"^server\.max_concurrent_decodes: must be int"),
     ({"server": {"max_concurrent_decodes": True}},

@@ -311,7 +311,7 @@ def test_decodes_run_at_most_max_concurrent_decodes_at_once(
     async def main() -> None:
         cfg = daemon_config(tmp_path, server={"max_concurrent_decodes": 2})
         async with Daemon(cfg) as d:
-            decoder = d.app[api.DECODER]
+            decoder = d.app[api.INTAKE].decoder
             posts = [asyncio.create_task(d.submit(wav_bytes(0.5))) for _ in range(6)]
             # two decode, four have read their upload and wait for a slot
             await wait_for(lambda: gated.entered == 2 and decoder.waiting == 4,
@@ -325,15 +325,66 @@ def test_decodes_run_at_most_max_concurrent_decodes_at_once(
     run(main())
 
 
+def test_upload_bodies_in_memory_stay_within_max_buffered_uploads_mb(
+    tmp_path: Path, gated: GatedDecode
+) -> None:
+    clip = wav_bytes(1.0)  # 64 KB
+    budget_mb = 2.5 * len(clip) / 2**20  # room for two such bodies, not three
+
+    async def main() -> None:
+        cfg = daemon_config(tmp_path, server={
+            "max_concurrent_decodes": 8, "max_upload_mb": budget_mb / 2,
+            "max_buffered_uploads_mb": budget_mb})
+        async with Daemon(cfg) as d:
+            intake = d.app[api.INTAKE]
+            posts = [asyncio.create_task(d.submit(clip)) for _ in range(5)]
+            # two are read and decoding; three wait for room, their bodies unread
+            await wait_for(lambda: gated.entered == 2 and intake.budget.waiting == 3,
+                           what="2 bodies held, 3 waiting")
+            assert intake.budget.used == 2 * len(clip) and intake.decoder.waiting == 0
+            gated.gate.set()
+            await asyncio.gather(*posts)
+            assert gated.entered == 5 and intake.budget.used == 0
+
+    run(main())
+
+
+def test_a_cancelled_wait_for_room_gives_its_place_up() -> None:
+    async def main() -> None:
+        budget = upload_mod.UploadBudget(100)
+        done = asyncio.Event()
+        held: list[int] = []
+
+        async def hold(size: int) -> None:
+            async with budget.reserve(size):
+                held.append(size)
+                await done.wait()
+
+        first = asyncio.create_task(hold(60))
+        await wait_for(lambda: held == [60], what="60 held")
+        big = asyncio.create_task(hold(80))
+        small = asyncio.create_task(hold(30))
+        await wait_for(lambda: budget.waiting == 2, what="both waiting")
+        assert held == [60]  # first come first served: 30 would fit, but waits behind 80
+        big.cancel()  # first in line leaves: the small one behind it fits now
+        await wait_for(lambda: held == [60, 30], what="30 held")
+        assert budget.used == 90 and budget.waiting == 0
+        done.set()
+        await asyncio.gather(first, small)
+        assert budget.used == 0
+
+    run(main())
+
+
 def test_a_cancelled_upload_keeps_its_slot_until_its_decode_ends(
     tmp_path: Path, gated: GatedDecode
 ) -> None:
     async def main() -> None:
         decoder = upload_mod.Decoder(daemon_config(tmp_path).audio, slots=1)
-        first = asyncio.create_task(decoder.decode(wav_bytes(0.5)))
+        first = asyncio.create_task(decoder.decode(upload_mod.Upload(wav_bytes(0.5), "", {})))
         await wait_for(lambda: gated.entered == 1, what="first decode running")
         first.cancel()
-        second = asyncio.create_task(decoder.decode(wav_bytes(0.5)))
+        second = asyncio.create_task(decoder.decode(upload_mod.Upload(wav_bytes(0.5), "", {})))
         await wait_for(lambda: first.done() and decoder.waiting == 1, what="second waiting")
         # the first request is gone, but its thread still decodes: the second may not start
         assert decoder.running == 1 and gated.entered == 1

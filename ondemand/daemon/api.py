@@ -33,7 +33,7 @@ from ondemand.daemon.store import (
     Store,
 )
 from ondemand.daemon.supervisor import Supervisor
-from ondemand.daemon.upload import Decoder, read_upload
+from ondemand.daemon.upload import Intake
 from ondemand.errors import (
     BadRequest,
     JobConflict,
@@ -53,7 +53,7 @@ BUS = web.AppKey("bus", EventBus)
 STORE = web.AppKey("store", Store)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
-DECODER = web.AppKey("decoder", Decoder)
+INTAKE = web.AppKey("intake", Intake)
 # Set when SIGTERM starts the drain (app.drain): new work is refused with 503 shutting_down,
 # long-polls return at once, /readyz turns 503; queued jobs stay for the next start.
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -142,16 +142,14 @@ def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, s
 async def submit(request: web.Request) -> tuple[Job, int]:
     """Validate, spool and durably queue one job; returns it and its queue position."""
     app = request.app
-    cfg, store = app[CONFIG], app[STORE]
+    store = app[STORE]
     refuse_if_draining(app)
-    upload = await read_upload(request, cfg.server)
-    granularity, embedding, key = _options(request, upload.fields)
-    decoded = await app[DECODER].decode(upload.audio)
-    filename = upload.filename
-    del upload  # the encoded bytes (up to server.max_upload_mb) are not needed past the decode
+    async with app[INTAKE].receive(request) as upload:  # holds its bytes until decoded
+        granularity, embedding, key = _options(request, upload.fields)
+        decoded = await app[INTAKE].decode(upload)
     loop = asyncio.get_running_loop()
     job_id = secrets.token_urlsafe(16)
-    job = Job(id=job_id, status=QUEUED, key=key or PurePath(filename).stem or job_id,
+    job = Job(id=job_id, status=QUEUED, key=key or PurePath(upload.filename).stem or job_id,
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
               created=time.time())
     path = store.audio_path(job_id)

@@ -36,7 +36,7 @@ from ondemand.daemon.events import EventBus
 from ondemand.daemon.http import Handler, error_middleware, make_runner, response_for
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
-from ondemand.daemon.upload import Decoder
+from ondemand.daemon.upload import Intake
 from ondemand.errors import ConfigError, StorageUnavailable, Unauthorized
 from ondemand.gpu import GpuProbe
 from ondemand.prewarm import api as prewarm_api
@@ -127,7 +127,7 @@ def build_app(
     app[api.BUS] = bus
     app[api.WATCH] = api.JobWatch(bus)
     app[api.DRAINING] = asyncio.Event()
-    app[api.DECODER] = Decoder(cfg.audio, cfg.server.max_concurrent_decodes)
+    app[api.INTAKE] = Intake(cfg)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = Store(Path(cfg.storage.dir), max_pending=cfg.queue.max_pending)

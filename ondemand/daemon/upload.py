@@ -6,8 +6,13 @@ Invariants (each cites the issue-10 break it prevents):
   `request_timeout` and its connection closed (an upload declaring 4 MB, sending 5 KB and
   stalling was held open indefinitely).  The deadline moves with every chunk: a slow but moving
   upload is fine, a stopped one is not.
-- The body is read under `server.max_upload_mb` into one buffer whose bytes are handed to the
-  decoder without another copy.  A multipart form holds one `audio` file field and at most
+- The bodies held in memory at once (being received, or read and waiting for their decode) are
+  bounded by `server.max_buffered_uploads_mb`: each upload reserves its Content-Length (or
+  `server.max_upload_mb` when none is declared) before its body is read and keeps it until its
+  decode ends; the others wait their turn, first come first served, unread.  A body is read
+  under `server.max_upload_mb` into one buffer whose bytes the decode thread takes over, so they
+  are freed there, as soon as the decode ends (refusals included: an AudioError's traceback
+  would keep them alive).  A multipart form holds one `audio` file field and at most
   `MAX_FIELDS` short option fields, each named once; anything else is 400 `bad_request` (a big
   option field answered 413, two `audio` fields were accepted and the last used silently).
 - At most `server.max_concurrent_decodes` decodes run at once, and a slot is held until its
@@ -22,18 +27,21 @@ Invariants (each cites the issue-10 break it prevents):
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import ctypes
 import ctypes.util
 import io
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
 
 from ondemand.audio import Decoded, decode
-from ondemand.config import AudioConfig, ServerConfig
+from ondemand.config import AudioConfig, Config, ServerConfig
 from ondemand.errors import (
+    AudioError,
     AudioTooShort,
     BadRequest,
     RequestTimeout,
@@ -49,11 +57,67 @@ MAX_FIELDS = 16
 FIELD_NAME_CHARS = 40  # of a client's field name quoted back in a message
 
 
-@dataclass(frozen=True)
+@dataclass
 class Upload:
-    audio: bytes
+    audio: bytes  # emptied by Decoder.decode, which takes the bytes over
     filename: str  # the client's file name ("" for a raw body)
     fields: dict[str, str]  # the multipart option fields
+
+
+class UploadBudget:
+    """Bytes of upload bodies held at once (server.max_buffered_uploads_mb), first come first
+    served.  A reservation is taken whole before the body is read, never grown: two uploads
+    can never each hold half and wait for the other."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._queue: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.capacity)
+        await self._acquire(size)
+        try:
+            yield
+        finally:
+            self.used -= size
+            self._wake()
+
+    async def _acquire(self, size: int) -> None:
+        if not self._queue and self.used + size <= self.capacity:
+            self.used += size
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (size, granted)
+        self._queue.append(entry)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # granted as the request was dropped
+                self.used -= size
+            else:
+                self._queue.remove(entry)
+            self._wake()
+            raise
+
+    def _wake(self) -> None:
+        while self._queue and self.used + self._queue[0][0] <= self.capacity:
+            size, granted = self._queue.popleft()
+            if not granted.done():
+                self.used += size
+                granted.set_result(None)
+
+
+def reservation(request: web.Request, server: ServerConfig) -> int:
+    """The bytes an upload reserves: its Content-Length, else the most it may send."""
+    limit = int(server.max_upload_mb * 1024 * 1024)
+    declared = request.content_length
+    return limit if declared is None else min(declared, limit)
 
 
 def _too_large(limit_mb: float) -> UploadTooLarge:
@@ -153,6 +217,29 @@ async def _read_form(request: web.Request, body: _Body, limit: int, limit_mb: fl
     return Upload(audio, filename, fields)
 
 
+class Intake:
+    """An upload's way in, as one component: reserve its bytes, read it, decode it.
+
+        async with intake.receive(request) as upload:   # reserved and read
+            ...                                          # validate the options
+            decoded = await intake.decode(upload)        # a slot, a thread
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self._server = cfg.server
+        self.budget = UploadBudget(int(cfg.server.max_buffered_uploads_mb * 1024 * 1024))
+        self.decoder = Decoder(cfg.audio, cfg.server.max_concurrent_decodes)
+
+    @contextlib.asynccontextmanager
+    async def receive(self, request: web.Request) -> AsyncIterator[Upload]:
+        """The upload, read under its reservation, which is held until the block ends."""
+        async with self.budget.reserve(reservation(request, self._server)):
+            yield await read_upload(request, self._server)
+
+    async def decode(self, upload: Upload) -> Decoded:
+        return await self.decoder.decode(upload)
+
+
 class Decoder:
     """Decodes uploads in threads, `slots` at a time (server.max_concurrent_decodes)."""
 
@@ -162,15 +249,18 @@ class Decoder:
         self.running = 0  # decode threads alive (a cancelled request's thread included)
         self.waiting = 0  # uploads read, waiting for a slot
 
-    async def decode(self, data: bytes) -> Decoded:
-        """The validated 16 kHz clip, or an AudioError."""
+    async def decode(self, upload: Upload) -> Decoded:
+        """The validated 16 kHz clip, or an AudioError.  Takes `upload.audio` over (leaves b"")
+        so that the decode thread holds the only reference and frees it."""
+        box = [upload.audio]
+        upload.audio = b""
         self.waiting += 1
         try:
             await self._slots.acquire()
         finally:
             self.waiting -= 1
         try:
-            thread = asyncio.get_running_loop().run_in_executor(None, self._decode, data)
+            thread = asyncio.get_running_loop().run_in_executor(None, self._decode, box)
         except BaseException:
             self._slots.release()
             raise
@@ -190,12 +280,30 @@ class Decoder:
         if not thread.cancelled():
             thread.exception()  # retrieved: a cancelled request's failure is not "never retrieved"
 
-    def _decode(self, data: bytes) -> Decoded:
+    def _decode(self, box: list[bytes]) -> Decoded:
+        data = box.pop()
         try:
             return decode(data, max_seconds=self._audio.max_seconds,
                           max_decode_mb=self._audio.max_decode_mb)
+        except AudioError as e:
+            _drop_frames(e)  # the frames of a refusal hold `data` (and the file object over it)
+            raise
         finally:
+            del data  # the last reference: the upload's bytes are freed here, then trimmed
             trim_heap()
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the tracebacks of `exc` and of every exception chained to it."""
+    stack: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
