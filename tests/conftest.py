@@ -121,7 +121,7 @@ def fake_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# -- the fake worker behind a small wrapper: a start gate, knobs for the first spawn only ----
+# -- the fake worker behind a small wrapper: a start gate, knobs for the n-th spawn only ------
 _WRAPPER = (
     "import json, os, sys, time\n"
     "gate, spawns, nth, knobs, worker = sys.argv[1:6]\n"
