@@ -152,6 +152,22 @@ class WorkerConfig:
     load_backoff_s: float = _setting(30.0, non_negative)
     command: str = ""  # empty: `<this python> -m ondemand.worker`; else a shell-style command line
     release_timeout_s: float = _setting(5.0, non_negative)  # wait for GPU memory after exit
+    # Liveness of a busy worker (daemon/supervisor.py): it beats every heartbeat_s while on a
+    # batch, from a thread; silent for heartbeat_timeout_s = hung, SIGKILLed, batch retried.
+    heartbeat_s: float = _setting(2.0, positive)
+    heartbeat_timeout_s: float = _setting(30.0, positive)
+    # A batch may run max(batch_deadline_min_s, batch_deadline_factor x its audio seconds /
+    # the measured speed); past that it is stuck: SIGKILLed, batch retried.
+    batch_deadline_min_s: float = _setting(120.0, positive)
+    batch_deadline_factor: float = _setting(10.0, at_least_one)
+    batch_default_speed: float = _setting(1.0, positive)  # audio s per s before any measurement
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.heartbeat_timeout_s < 2 * self.heartbeat_s:
+            return "heartbeat_timeout_s", (
+                f"must be >= 2 x worker.heartbeat_s ({2 * self.heartbeat_s:g}): one late beat "
+                f"must not kill a busy worker, got {self.heartbeat_timeout_s:g}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,16 @@ class QueueConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     dir: str = "var"
+    # A write to storage.dir that fails (full disk, I/O error) is retried after retry_min_s,
+    # doubling up to retry_max_s, until it succeeds: nothing is acknowledged before it is durable.
+    retry_min_s: float = _setting(0.5, positive)
+    retry_max_s: float = _setting(30.0, positive)
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.retry_max_s < self.retry_min_s:
+            return "retry_max_s", (f"must be >= storage.retry_min_s ({self.retry_min_s:g}), "
+                                   f"got {self.retry_max_s:g}")
+        return None
 
 
 @dataclass(frozen=True)

@@ -252,6 +252,13 @@ class AudioMissing(OndemandError):
     code = "audio_missing"
 
 
+class NonFiniteOutput(OndemandError):
+    """The model's output for a clip holds NaN or infinite numbers (the worker checks every score
+    and embedding before it answers): a result like that is never stored as `done` (issue 10)."""
+
+    code = "non_finite_output"
+
+
 class ProtocolError(InternalError):
     """A line on the worker pipe that is not the protocol (ondemand/protocol.py): malformed JSON,
     an unknown op or event, a missing or mistyped field.  A bug, or a `worker.command` that speaks

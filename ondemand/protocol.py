@@ -98,6 +98,7 @@ class Infer:
     granularity: Granularity
     items: tuple[InferItem, ...]
     batch_audio_s: float | None = None  # padded-audio budget; None = the device default
+    heartbeat_s: float | None = None  # send Heartbeat this often while on the batch; None = never
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,17 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Sent every `Infer.heartbeat_s` while the worker is on `batch`, from a thread of its own,
+    so a long batch still beats and only a stopped or hung process falls silent (the daemon
+    kills it after worker.heartbeat_timeout_s)."""
+
+    TAG: ClassVar[str] = "heartbeat"
+    batch: str
+    seconds: float  # time on the batch so far
+
+
+@dataclass(frozen=True)
 class BatchFailed:
     """The whole batch failed (out_of_memory: retry it smaller; not_loaded; internal)."""
 
@@ -165,13 +177,13 @@ class Unloaded:
 
 
 Op: TypeAlias = Load | Infer | Unload | Exit
-Event: TypeAlias = Hello | Loaded | LoadFailed | Result | BatchFailed | Unloaded
+Event: TypeAlias = Hello | Loaded | LoadFailed | Heartbeat | Result | BatchFailed | Unloaded
 Message: TypeAlias = Op | Event
 
 _OP_TYPES = (Load, Infer, Unload, Exit)
 OPS: dict[str, type[Op]] = {c.TAG: c for c in _OP_TYPES}
 EVENTS: dict[str, type[Event]] = {
-    c.TAG: c for c in (Hello, Loaded, LoadFailed, Result, BatchFailed, Unloaded)
+    c.TAG: c for c in (Hello, Loaded, LoadFailed, Heartbeat, Result, BatchFailed, Unloaded)
 }
 
 
@@ -308,7 +320,8 @@ def _message(cls: type[Message], f: _Fields) -> Message:
             raise ProtocolError(f"{w}: {e}") from None
         items = tuple(_item(x, f"{w}.items[{i}]") for i, x in enumerate(f.array("items")))
         return Infer(batch=f.string("batch"), granularity=granularity, items=items,
-                     batch_audio_s=f.opt_number("batch_audio_s"))
+                     batch_audio_s=f.opt_number("batch_audio_s"),
+                     heartbeat_s=f.opt_number("heartbeat_s"))
     if cls is Hello:
         return Hello(pid=f.integer("pid"))
     if cls is Loaded:
@@ -316,6 +329,8 @@ def _message(cls: type[Message], f: _Fields) -> Message:
                       dtype=f.string("dtype"), timings=f.numbers("timings"))
     if cls is LoadFailed:
         return LoadFailed(code=f.string("code"), message=f.string("message"))
+    if cls is Heartbeat:
+        return Heartbeat(batch=f.string("batch"), seconds=f.number("seconds"))
     if cls is Result:
         results = tuple(_item_result(x, f"{w}.results[{i}]")
                         for i, x in enumerate(f.array("results")))

@@ -10,7 +10,10 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_HANG_LOAD=1        load never returns (load timeout)
   FAKE_CRASH_ONCE=PATH    the first batch while PATH does not exist creates it and dies (SIGKILL)
   FAKE_CRASH_KEY=TEXT     any batch holding a clip whose key contains TEXT kills the process
-  FAKE_HANG_BATCH=1       batches never return
+  FAKE_HANG_BATCH=1       batches never return (heartbeats keep coming: a stuck, not a dead,
+                          process)
+  FAKE_GATE=PATH          each batch waits (heartbeating) until PATH exists, then runs
+  FAKE_NAN=TEXT           clips whose key contains TEXT get NaN scores (a model gone non-finite)
   FAKE_IGNORE_SIGTERM=1   SIGTERM is ignored (stop must escalate to SIGKILL)
   FAKE_OOM_ABOVE=N        batches of more than N clips raise OutOfMemory
   FAKE_UNLOAD_S=0         seconds an unload takes (the worker stays `unloading` meanwhile)
@@ -57,11 +60,14 @@ class FakePrediction:
     samples: int
     granularity: protocol.Granularity
     embedding: np.ndarray | None = field(default=None)
+    nan: bool = False
 
     def to_json(self) -> dict[str, Any]:
         # Deterministic "scores" from the clip length so tests can check the mapping job->result.
         raw = np.array([1.0 + (self.samples % (7 + i)) for i in range(len(LABELS))])
         scores = (raw / raw.sum()).tolist()
+        if self.nan:
+            scores = [float("nan")] * len(LABELS)
         top = int(np.argmax(scores))
         return {"key": self.key, "labels": LABELS, "scores": scores,
                 "top": {"label": LABELS[top], "score": scores[top]},
@@ -107,14 +113,19 @@ class FakeBackend:
         if _env("FAKE_HANG_BATCH"):
             while True:
                 time.sleep(3600)
+        gate = _env("FAKE_GATE")
+        while gate and not Path(gate).exists():
+            time.sleep(0.01)
         limit = _env("FAKE_OOM_ABOVE")
         if limit and len(clips) > int(limit):
             raise OutOfMemory(f"fake OOM: {len(clips)} clips > {limit}")
         time.sleep(float(_env("FAKE_INFER_S", "0")))
+        nan = _env("FAKE_NAN")
         out = []
         for key, samples in clips:
             emb = np.full(4, float(len(samples)), dtype=np.float32) if embeddings else None
-            out.append(FakePrediction(key, len(samples), granularity, emb))
+            out.append(FakePrediction(key, len(samples), granularity, emb,
+                                      nan=bool(nan) and nan in key))
         return out
 
     def unload(self) -> None:

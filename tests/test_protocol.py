@@ -25,7 +25,7 @@ MESSAGES: list[p.Message] = [
             items=(p.InferItem(job="j1", key="a.wav", audio="/spool/j1.npy"),
                    p.InferItem(job="j2", key="", audio="/spool/j2.npy",
                                embedding="/spool/j2.emb.npy"))),
-    p.Infer(batch="b2", granularity="frame", items=(), batch_audio_s=60.0),
+    p.Infer(batch="b2", granularity="frame", items=(), batch_audio_s=60.0, heartbeat_s=2.0),
     p.Unload(),
     p.Exit(),
     p.Hello(pid=1234),
@@ -33,6 +33,7 @@ MESSAGES: list[p.Message] = [
              timings={"import_s": 0.8, "weights_s": 0.5}),
     p.Loaded(seconds=0.1, device="cpu", dtype="float32"),
     p.LoadFailed(code="model_not_found", message="no such model"),
+    p.Heartbeat(batch="b1", seconds=4.25),
     p.Result(batch="b1", seconds=0.42, results=(
         p.ItemResult(job="j1", result={"key": "a.wav", "labels": ["x"], "scores": [1.0],
                                        "top": {"label": "x", "score": 1.0}, "frames": 3,

@@ -76,8 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.model:
         cfg = config_mod.with_model(cfg, args.model)
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))  # 1 when an owner task failed (daemon/guard.py)
 
 
 def _client(args: argparse.Namespace) -> Any:

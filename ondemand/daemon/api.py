@@ -25,6 +25,7 @@ from aiohttp import web
 from ondemand.config import Config
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.guard import TaskGuard
 from ondemand.daemon.http import json_response
 from ondemand.daemon.store import (
     FINAL,
@@ -54,6 +55,7 @@ STORE = web.AppKey("store", Store)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 INTAKE = web.AppKey("intake", Intake)
+GUARD = web.AppKey("guard", TaskGuard)  # the owner tasks, watched (daemon/guard.py)
 # Set when SIGTERM starts the drain (app.drain): new work is refused with 503 shutting_down,
 # long-polls return at once, /readyz turns 503; queued jobs stay for the next start.
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -298,6 +300,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
+    failed = app[GUARD].failed
+    if failed is not None:  # an owner task ended: the daemon is stopping with exit status 1
+        return json_response({"ready": False, "reason": failed}, status=503,
+                             headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
     if app[DRAINING].is_set():
         return json_response({"ready": False, "reason": "shutting down"}, status=503,
                              headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
@@ -305,6 +311,11 @@ async def readyz(request: web.Request) -> web.Response:
         return json_response(
             {"ready": False, "reason": f"job database failing: {app[STORE].error}"},
             status=503, headers={"Retry-After": "5"})
+    # Results waiting in memory for storage; a hung or stuck worker (issue 10: both said ready).
+    busy = app[DISPATCHER].blocked or app[SUPERVISOR].unready_reason()
+    if busy is not None:
+        return json_response({"ready": False, "reason": busy}, status=503,
+                             headers={"Retry-After": "5"})
     counts = await app[STORE].counts()
     pending = counts[QUEUED] + counts["running"]
     if pending >= app[CONFIG].queue.max_pending:

@@ -10,6 +10,10 @@ list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_c
 4. dispatcher: on the way down lets its batch finish (bounded by server.stop_timeout_s);
 5. purge timer;
 6. prewarm scheduler (prewarm/api.py): last up, first down: no hold starts during shutdown.
+
+Each component's long-lived task is watched by the app's TaskGuard (`app[api.GUARD]`,
+daemon/guard.py): one that ends unasked turns /readyz 503 with the reason, logs one ERROR line
+naming it, and makes `serve()` stop in order and return exit status 1.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ondemand.daemon import api, listen
 from ondemand.daemon import lock as storage_lock
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
+from ondemand.daemon.guard import TaskGuard
 from ondemand.daemon.http import Handler, error_middleware, make_runner, response_for
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
@@ -128,6 +133,8 @@ def build_app(
     app[api.WATCH] = api.JobWatch(bus)
     app[api.DRAINING] = asyncio.Event()
     app[api.INTAKE] = Intake(cfg)
+    guard = TaskGuard()
+    app[api.GUARD] = guard
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = Store(Path(cfg.storage.dir), max_pending=cfg.queue.max_pending)
@@ -141,20 +148,23 @@ def build_app(
         sup = Supervisor(cfg.worker, cfg.model, bus, spawn=spawn, gpu=probe)
         sup.start()
         app[api.SUPERVISOR] = sup
-        yield
+        with guard.watching(sup.task):
+            yield
         await sup.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         disp = Dispatcher(app[api.STORE], app[api.SUPERVISOR], bus, cfg.queue, cfg.worker,
-                          stop_timeout_s=cfg.server.stop_timeout_s)
+                          stop_timeout_s=cfg.server.stop_timeout_s, storage_cfg=cfg.storage)
         disp.start()
         app[api.DISPATCHER] = disp
-        yield
+        with guard.watching(disp.task):
+            yield
         await disp.close()
 
     async def purge_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_purge_loop(app[api.STORE], cfg), name="purge")
-        yield
+        with guard.watching(task):
+            yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -192,12 +202,15 @@ async def drain(app: web.Application) -> None:
     shutting_down (and wake long-polls), let the running batch finish within
     server.stop_timeout_s (else requeue it), start no new batch.  Queued jobs stay in the store
     for the next start.  The runner's cleanup then unloads and stops the worker."""
+    app[api.GUARD].close()  # from here on, owner tasks end on purpose
     app[api.DRAINING].set()
     await app[api.DISPATCHER].close()
 
 
-async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly).
+async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> int:
+    """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly), or
+    until an owner task fails (daemon/guard.py).  Returns the exit status: 0 after a signal, 1
+    after a failed task, so the service manager restarts the daemon.
     Under systemd (Type=notify) it sends READY=1 once listening, STATUS= lines, watchdog pings
     and STOPPING=1 (ondemand/daemon/service.py).
 
@@ -223,16 +236,19 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
         socks = listen.bind(cfg.server.host, cfg.server.port)
         for sock in socks:
             resources.callback(sock.close)
-        await _run(cfg, socks, stop, ready)
+        return await _run(cfg, socks, stop, ready)
 
 
 async def _run(cfg: Config, socks: list[socket.socket], stop: asyncio.Event,
-               ready: asyncio.Event | None) -> None:
-    """The app on the bound sockets until `stop`, then drain and clean up."""
+               ready: asyncio.Event | None) -> int:
+    """The app on the bound sockets until `stop`, then drain and clean up.  Returns the exit
+    status (1 when an owner task failed)."""
     from ondemand.daemon.sdnotify import Notifier
     from ondemand.daemon.service import ServiceNotifier
 
     app = build_app(cfg)
+    guard = app[api.GUARD]
+    guard.on_failure(lambda _reason: stop.set())
     notifier = Notifier()
     service: ServiceNotifier | None = None
     runner = make_runner(app, cfg.server, handle_signals=False, access_log=None)
@@ -262,3 +278,7 @@ async def _run(cfg: Config, socks: list[socket.socket], stop: asyncio.Event,
             await service.close()
         await runner.cleanup()
         notifier.close()
+    if guard.failed is not None:
+        log.error("ondemand stopped with exit status 1: %s", guard.failed)
+        return 1
+    return 0

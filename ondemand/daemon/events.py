@@ -64,7 +64,8 @@ class WorkerExited(Event):
     """A worker process ended.  `kind` (daemon/process.py ExitKind): exited (asked), load_failed,
     load_timeout, crashed, killed (by a signal we did not send: possibly the OOM killer),
     stop_escalated (we SIGKILLed), protocol_error (we SIGKILLed it for a line that is not the
-    protocol)."""
+    protocol), hung (we SIGKILLed it: no heartbeat on a batch for worker.heartbeat_timeout_s),
+    batch_timeout (we SIGKILLed it: a batch ran past its deadline)."""
 
     pid: int
     returncode: int | None

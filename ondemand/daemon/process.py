@@ -85,6 +85,8 @@ class ExitKind(enum.StrEnum):
     KILLED = "killed"  # SIGKILL we did not send: possibly the out-of-memory killer
     STOP_ESCALATED = "stop_escalated"  # we SIGKILLed it after worker.stop_timeout_s
     PROTOCOL_ERROR = "protocol_error"  # we SIGKILLed it for a line that is not the protocol
+    HUNG = "hung"  # we SIGKILLed it: no heartbeat for worker.heartbeat_timeout_s on a batch
+    BATCH_TIMEOUT = "batch_timeout"  # we SIGKILLed it: a batch ran past its deadline
 
 
 class WorkerProcess:
@@ -98,7 +100,7 @@ class WorkerProcess:
         self.pid = proc.pid
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self.stop_reason = ""  # why we asked it to stop ("" = we did not)
-        self.killed = False  # we sent SIGKILL at the stop deadline
+        self.killed: tuple[ExitKind, str] | None = None  # we sent SIGKILL: why (kind, detail)
         self.protocol_error = ""  # what was wrong with the line it was killed for
         self._tasks = [
             asyncio.create_task(self._read_stdout(on_event, on_exit),
@@ -128,8 +130,11 @@ class WorkerProcess:
                 self.proc.send_signal(signal.SIGTERM)
         return True
 
-    def kill(self) -> None:
-        self.killed = True
+    def kill(self, kind: ExitKind = ExitKind.STOP_ESCALATED,
+             detail: str = "after worker.stop_timeout_s") -> None:
+        """SIGKILL (a stopped process cannot handle SIGTERM); the exit is classified `kind`."""
+        if self.killed is None:
+            self.killed = (kind, detail)
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
 
@@ -154,8 +159,9 @@ class WorkerProcess:
         what = f"rc={rc}" if rc >= 0 else f"signal {_signame(-rc)}"
         if self.protocol_error:
             return ExitKind.PROTOCOL_ERROR, f"{what}: {self.protocol_error}"
-        if self.killed:
-            return ExitKind.STOP_ESCALATED, f"{what} after worker.stop_timeout_s"
+        if self.killed is not None:
+            kind, detail = self.killed
+            return kind, f"{what} {detail}"
         if self.stop_reason in (ExitKind.LOAD_FAILED, ExitKind.LOAD_TIMEOUT):
             return ExitKind(self.stop_reason), what
         if self.stop_reason and rc in (0, -signal.SIGTERM):

@@ -7,10 +7,10 @@ least every half watchdog interval, and then
 - sends `STATUS=worker ready, 3 queued, 1 running` when the text changed
   (`systemctl status ondemand` shows it; backoff shows the load error);
 - sends `WATCHDOG=1` only when the daemon can still do its job: the event loop runs (this task
-  ran), the store's database thread answered within the interval, and the supervisor and
-  dispatcher owner tasks are alive.  A dispatcher that died of an exception would otherwise leave a
-  daemon that accepts jobs forever and runs none; without the ping systemd restarts it
-  (WatchdogSec=, Restart=on-failure) and the queued jobs run after the restart.
+  ran), the store's database thread answered within the interval, and no owner task failed (the
+  app's TaskGuard, daemon/guard.py).  A task that fails also stops the daemon with exit status 1,
+  so plain `ondemand serve` is restarted by whatever manages it; without systemd's watchdog
+  ping too a hung event loop is caught (WatchdogSec=, Restart=on-failure).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ondemand.daemon.worker_status import WorkerState, WorkerStatus
 log = logging.getLogger(__name__)
 
 REFRESH_S = 10.0  # STATUS refresh (queue depth) when no watchdog asks for a shorter period
-OWNER_TASKS = ("supervisor", "dispatcher")  # task names given by Supervisor/Dispatcher.start()
 
 
 def status_text(worker: WorkerStatus, counts: dict[str, int], *, draining: bool) -> str:
@@ -63,10 +62,12 @@ class ServiceNotifier:
     def start(self) -> None:
         if self.notifier.enabled:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sd-notify")
+            self.app[api.GUARD].watch(self._task)
 
     async def close(self) -> None:
         self._unsubscribe()
         if self._task is not None:
+            self.app[api.GUARD].retire(self._task)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -96,11 +97,9 @@ class ServiceNotifier:
         if text != self.last_status:
             self.notifier.status(text)
             self.last_status = text
-        alive = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
-        missing = [n for n in OWNER_TASKS if n not in alive]
-        if missing and not app[api.DRAINING].is_set():
-            log.error("watchdog: owner task(s) %s ended; no ping (systemd will restart us)",
-                      ",".join(missing))
+        failed = app[api.GUARD].failed
+        if failed is not None:
+            log.error("watchdog: %s; no ping", failed)
             return False
         if ping and self.notifier.watchdog_s:
             self.notifier.watchdog()

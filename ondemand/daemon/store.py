@@ -42,7 +42,6 @@ from typing import Any, TypeVar
 from ondemand import dbcheck
 from ondemand.dbcheck import Damage
 from ondemand.errors import (
-    JobConflict,
     JobNotFound,
     QueueFull,
     StorageError,
@@ -528,23 +527,20 @@ class Store:
         return _row_to_job(row) if row is not None else None
 
     async def cancel_or_delete(self, job_id: str) -> str:
-        """Cancel a queued job (-> cancelled, audio removed) or delete a finished one (row and
-        files).  Returns "cancelled" or "deleted"; a running job raises JobConflict."""
+        """Cancel a queued or running job (-> cancelled, audio removed) or delete a finished one
+        (row and files).  Returns "cancelled" or "deleted".  A running job's result is dropped
+        when its batch returns (`finish` only moves running jobs); its batch-mates finish."""
 
         def op(conn: sqlite3.Connection) -> str:
             row = conn.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFound(f"no job {job_id!r} (unknown, deleted or purged)")
-            if row["status"] == QUEUED:
+            if row["status"] in (QUEUED, RUNNING):
                 conn.execute(
                     "UPDATE jobs SET status=?, finished=? WHERE id=?",
                     (CANCELLED, time.time(), job_id),
                 )
                 return "cancelled"
-            if row["status"] == RUNNING:
-                raise JobConflict(
-                    f"job {job_id} is running and cannot be cancelled; delete it once it finished"
-                )
             conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             return "deleted"
 

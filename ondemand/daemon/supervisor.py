@@ -20,12 +20,23 @@ re-checked when it fires (LocalAI #5221, llama.cpp #28698: never unload under a 
 Idle ladder: `unload_after_s` drops the model but keeps the process (cheap reactivation);
 `exit_after_s` ends the process, the only way to free the CUDA context.  0 = at once, -1 = never.
 Holds (`load(hold_s=...)`) suspend both while active; overlapping holds merge.
+
+Liveness of a busy worker (issue 10: a SIGSTOPped worker held a batch for minutes, the queue grew,
+/readyz said ready and nothing was logged).  While a batch is in flight two timers run: HEARTBEAT
+(re-armed by every `heartbeat` the worker sends from its own thread; silent for
+`heartbeat_timeout_s` = hung) and BATCH_DEADLINE (max(batch_deadline_min_s, factor x the
+batch's audio seconds / the slowest recent speed) = stuck).  Either SIGKILLs the worker (a
+stopped process cannot handle SIGTERM), so its batch fails as a crash (the dispatcher retries
+it, attempts counted) and the next lease starts a fresh worker.  `status().stalled_s` shows
+missed beats while they last; `unready_reason()` turns /readyz 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -45,7 +56,13 @@ from ondemand.daemon.process import (
     worker_env,
 )
 from ondemand.daemon.timers import Fired, Timers
-from ondemand.daemon.worker_status import LoadRecord, WarmBecause, WorkerState, WorkerStatus
+from ondemand.daemon.worker_status import (
+    ExitRecord,
+    LoadRecord,
+    WarmBecause,
+    WorkerState,
+    WorkerStatus,
+)
 from ondemand.errors import LoadFailed, WorkerCrashed, WorkerUnavailable, from_code
 from ondemand.gpu import GpuProbe
 
@@ -56,6 +73,7 @@ __all__ = ["TRANSITIONS", "Lease", "Spawn", "Supervisor", "TimerKind", "WorkerSt
 log = logging.getLogger(__name__)
 
 RELEASE_POLL_S = 0.25  # NVML poll period while waiting for GPU memory to come back (Ollama)
+SPEED_SAMPLES = 20  # recent batches whose slowest speed sets the batch deadline
 
 
 S = WorkerState
@@ -77,6 +95,8 @@ class TimerKind(enum.Enum):
     STOP_DEADLINE = "stop_deadline"  # worker.stop_timeout_s from asking it to exit to SIGKILL
     BACKOFF_END = "backoff_end"  # loads are refused until then
     RELEASE_POLL = "release_poll"  # the next look at GPU memory a dead worker still holds
+    HEARTBEAT = "heartbeat"  # worker.heartbeat_timeout_s after the last sign of life on a batch
+    BATCH_DEADLINE = "batch_deadline"  # the earliest deadline of the batches in flight
 
 
 # -- messages to the owner task ----------------------------------------------------------------
@@ -109,6 +129,18 @@ class _Unload:
 class _Infer:
     op: protocol.Infer
     fut: asyncio.Future[protocol.Result]
+    audio_s: float  # the batch's audio seconds (its deadline follows them)
+
+
+@dataclass
+class _Batch:
+    """A batch in flight on the worker."""
+
+    op: protocol.Infer
+    fut: asyncio.Future[protocol.Result]
+    audio_s: float
+    sent: float  # on the supervisor's clock
+    deadline: float
 
 
 @dataclass
@@ -134,11 +166,12 @@ class Lease:
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
 
-    async def infer(self, op: protocol.Infer) -> protocol.Result:
-        """Run one batch on the worker.  Raises WorkerCrashed when the worker dies under it,
-        and the error the worker named (errors.from_code) on BatchFailed."""
+    async def infer(self, op: protocol.Infer, *, audio_s: float = 0.0) -> protocol.Result:
+        """Run one batch (`audio_s` seconds of audio: its deadline) on the worker.  Raises
+        WorkerCrashed when the worker dies under it (also when it is killed as hung or past the
+        deadline), and the error the worker named (errors.from_code) on BatchFailed."""
         fut: asyncio.Future[protocol.Result] = asyncio.get_running_loop().create_future()
-        self._sup._post(_Infer(op, fut))
+        self._sup._post(_Infer(op, fut, audio_s))
         return await fut
 
 
@@ -169,7 +202,10 @@ class Supervisor:
         self._unload_reason = ""
         self._inflight = 0
         self._waiters: list[_Acquire | _Load] = []
-        self._batches: dict[str, asyncio.Future[protocol.Result]] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._last_beat = 0.0  # the last sign of life of the worker on a batch (clock)
+        self._speeds: collections.deque[float] = collections.deque(maxlen=SPEED_SAMPLES)
+        self.last_exit: ExitRecord | None = None
         self._last_used = clock()
         self._hold_until = 0.0
         self._hold_trigger = ""
@@ -191,6 +227,11 @@ class Supervisor:
     # -- public API (any task) ------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="supervisor")
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The owner task (watched by the app's TaskGuard)."""
+        return self._task
 
     async def close(self) -> None:
         """Stop the worker (ask, wait, SIGKILL, reap) and end the owner task.  Idempotent."""
@@ -243,6 +284,10 @@ class Supervisor:
             if exit_at is not None:
                 exit_in = max(0.0, exit_at - now)
         held = self._hold_until > now
+        batch_s = deadline_s = None
+        if self._batches:
+            batch_s = now - min(b.sent for b in self._batches.values())
+            deadline_s = max(0.0, min(b.deadline for b in self._batches.values()) - now)
         return WorkerStatus(
             state=self.state, pid=proc.pid if proc else None, device=self.device,
             dtype=self.dtype, model=self.model.spec, trigger=self._trigger or None,
@@ -254,7 +299,37 @@ class Supervisor:
             last_error=self._last_error,
             backoff_s=self._timers.left(TimerKind.BACKOFF_END) if self.state is S.BACKOFF else None,
             gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.device) if proc else None,
+            batch_s=batch_s, batch_deadline_s=deadline_s, stalled_s=self._stalled_s(now),
+            last_exit=self.last_exit,
         )
+
+    def _stalled_s(self, now: float) -> float | None:
+        """Seconds since the last heartbeat once two were missed (a batch in flight), else None."""
+        if not self._batches or self.state is not S.READY:
+            return None
+        silent = now - self._last_beat
+        return silent if silent > 2 * self.cfg.heartbeat_s else None
+
+    def unready_reason(self) -> str | None:
+        """Why the worker cannot take work now although it is up (for /readyz), else None."""
+        stalled = self._stalled_s(self._clock())
+        if stalled is not None:
+            proc = self._proc
+            return (f"worker stalled: no heartbeat for {stalled:.1f}s on a batch "
+                    f"(pid {proc.pid if proc else '-'}); it is killed after "
+                    f"worker.heartbeat_timeout_s={self.cfg.heartbeat_timeout_s:g}s")
+        proc = self._proc
+        if proc is not None and proc.killed is not None and proc.killed[0] in (
+                ExitKind.HUNG, ExitKind.BATCH_TIMEOUT):
+            return f"worker {proc.killed[0]} (pid {proc.pid}): killed, a new one follows"
+        return None
+
+    def batch_deadline_s(self, audio_s: float) -> float:
+        """How long a batch of `audio_s` seconds of audio may run: max(floor, factor x audio /
+        the slowest speed of the last SPEED_SAMPLES batches, or the default speed before any)."""
+        speed = min(self._speeds) if self._speeds else self.cfg.batch_default_speed
+        return max(self.cfg.batch_deadline_min_s,
+                   self.cfg.batch_deadline_factor * audio_s / speed)
 
     def _warm_because(self, now: float) -> WarmBecause | None:
         if self.state is not S.READY:
@@ -331,6 +406,21 @@ class Supervisor:
                     await self._begin_load(self._waiters[0].trigger)
             case TimerKind.RELEASE_POLL:
                 self._poll_release()
+            case TimerKind.HEARTBEAT if self._batches:
+                silent = self._clock() - self._last_beat
+                self._kill_stuck(ExitKind.HUNG, next(iter(self._batches.values())),
+                                 f"no heartbeat for {silent:.1f}s (worker.heartbeat_timeout_s="
+                                 f"{self.cfg.heartbeat_timeout_s:g})")
+            case TimerKind.BATCH_DEADLINE if self._batches:
+                now = self._clock()
+                late = min(self._batches.values(), key=lambda b: b.deadline)
+                if late.deadline > now + 1e-3:
+                    self._arm_liveness()  # a batch ended meanwhile
+                    return
+                self._kill_stuck(ExitKind.BATCH_TIMEOUT, late,
+                                 f"ran {now - late.sent:.1f}s, past its deadline of "
+                                 f"{late.deadline - late.sent:.1f}s ({late.audio_s:.1f}s of "
+                                 "audio; worker.batch_deadline_*)")
 
     # requests ----------------------------------------------------------------------------
     async def _on_acquire(self, msg: _Acquire) -> None:
@@ -434,8 +524,37 @@ class Supervisor:
         if self.state is not S.READY or proc is None:
             msg.fut.set_exception(WorkerCrashed(f"the worker is {self.state}, not ready"))
             return
-        self._batches[msg.op.batch] = msg.fut
-        await proc.send(msg.op)
+        now = self._clock()
+        op = dataclasses.replace(msg.op, heartbeat_s=self.cfg.heartbeat_s)
+        self._batches[op.batch] = _Batch(op, msg.fut, msg.audio_s, now,
+                                         now + self.batch_deadline_s(msg.audio_s))
+        self._last_beat = now
+        self._arm_liveness()
+        await proc.send(op)
+
+    def _arm_liveness(self) -> None:
+        """HEARTBEAT and BATCH_DEADLINE while a batch is in flight; neither when none is."""
+        if not self._batches:
+            self._timers.cancel(TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
+            return
+        now = self._clock()
+        self._timers.arm(TimerKind.HEARTBEAT,
+                         self._last_beat + self.cfg.heartbeat_timeout_s - now)
+        self._timers.arm(TimerKind.BATCH_DEADLINE,
+                         min(b.deadline for b in self._batches.values()) - now)
+
+    def _kill_stuck(self, kind: ExitKind, batch: _Batch, why: str) -> None:
+        """SIGKILL a hung or stuck worker; its exit fails the batch as a crash (retried)."""
+        proc = self._proc
+        self._timers.cancel(TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
+        if proc is None:
+            return
+        log.warning("worker pid=%d %s: batch %s (%d jobs, %.1fs of audio) %s; SIGKILL, its jobs "
+                    "are retried", proc.pid, kind, batch.op.batch, len(batch.op.items),
+                    batch.audio_s, why)
+        proc.kill(kind, why)
+        if self.state is not S.STOPPING:
+            self._set_state(S.STOPPING, kind)
 
     # worker events -----------------------------------------------------------------------
     async def _on_event(self, msg: _FromWorker) -> None:
@@ -458,9 +577,21 @@ class Supervisor:
                     await self._begin_load(self._waiters[0].trigger)
                 else:
                     self._arm_idle()
+            case protocol.Heartbeat(batch=batch) if batch in self._batches:
+                self._last_beat = self._clock()
+                self._arm_liveness()
+            case protocol.Heartbeat():
+                pass  # a beat that crossed its batch's answer
             case protocol.Result() | protocol.BatchFailed() as ev:
-                fut = self._batches.pop(ev.batch, None)
-                if fut is None or fut.done():
+                running = self._batches.pop(ev.batch, None)
+                self._last_beat = self._clock()
+                self._arm_liveness()
+                if running is None:
+                    return
+                if isinstance(ev, protocol.Result) and running.audio_s > 0 and ev.seconds > 0:
+                    self._speeds.append(running.audio_s / ev.seconds)
+                fut = running.fut
+                if fut.done():
                     return  # its caller was cancelled
                 if isinstance(ev, protocol.Result):
                     fut.set_result(ev)
@@ -508,12 +639,15 @@ class Supervisor:
         log.log(logging.INFO if kind is ExitKind.EXITED else logging.WARNING,
                 "worker pid=%d exit kind=%s rc=%s %s", proc.pid, kind, rc, detail)
         self.bus.publish(WorkerExited(pid=proc.pid, returncode=rc, kind=kind, detail=detail))
+        if kind is not ExitKind.EXITED:
+            self.last_exit = ExitRecord(pid=proc.pid, kind=kind.value, detail=detail)
         proc.close()
-        self._timers.cancel(TimerKind.STOP_DEADLINE, TimerKind.LOAD_DEADLINE, TimerKind.IDLE)
+        self._timers.cancel(TimerKind.STOP_DEADLINE, TimerKind.LOAD_DEADLINE, TimerKind.IDLE,
+                            TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
         crash = WorkerCrashed(f"the worker {kind} ({detail})")
-        for fut in self._batches.values():
-            if not fut.done():
-                fut.set_exception(crash)
+        for running in self._batches.values():
+            if not running.fut.done():
+                running.fut.set_exception(crash)
         self._batches.clear()
         if self.state in (S.STARTING, S.LOADING):
             self._load_failed("exited_during_load" if kind is ExitKind.CRASHED else kind,

@@ -10,7 +10,8 @@ worker (send the supervisor a request and await it).  `to_json()` is the `worker
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+import time
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ondemand.protocol import ErrorInfo
@@ -47,6 +48,21 @@ class LoadRecord:
 
 
 @dataclass(frozen=True)
+class ExitRecord:
+    """The last worker exit we did not ask for (`/v1/status` `worker.last_exit`): crashed,
+    killed, hung, batch_timeout, ... (daemon/process.py ExitKind)."""
+
+    pid: int
+    kind: str
+    detail: str
+    time: float = field(default_factory=time.time)  # wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "kind": self.kind, "detail": self.detail,
+                "time": round(self.time, 3)}
+
+
+@dataclass(frozen=True)
 class WorkerStatus:
     """A snapshot of the worker (`Supervisor.status()`), for reporting only."""
 
@@ -70,12 +86,17 @@ class WorkerStatus:
     last_error: ErrorInfo | None  # the last load failure, until a load succeeds
     backoff_s: float | None  # seconds until loads are tried again; None unless backoff
     gpu_memory_mb: float | None  # None when the probe cannot tell
+    batch_s: float | None = None  # seconds the batch in flight has run; None = no batch
+    batch_deadline_s: float | None = None  # seconds until it counts as stuck (batch_timeout)
+    stalled_s: float | None = None  # seconds without a heartbeat once two were missed, else None
+    last_exit: ExitRecord | None = None  # the last exit we did not ask for
 
     def to_json(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
         doc["state"] = self.state.value
         doc["last_load"] = self.last_load.to_json() if self.last_load else None
         doc["last_error"] = self.last_error.to_json() if self.last_error else None
+        doc["last_exit"] = self.last_exit.to_json() if self.last_exit else None
         return doc
 
     def __getitem__(self, key: str) -> Any:

@@ -84,7 +84,8 @@ def context(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
                      len(cfg.prewarm), sched.lead_s(), len(loads))
         sched.start()
         try:
-            yield
+            with app[api.GUARD].watching(sched.task):
+                yield
         finally:
             unsubscribe()
             await sched.close()

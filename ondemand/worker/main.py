@@ -13,7 +13,14 @@ Invariants:
   process behind computing for nobody.
 - An `infer` always gets exactly one answer: `result` (with per-job errors) or `batch_failed`.
 - Every line in and out goes through ondemand/protocol.py (`decode_op`, `encode`); a line that is
-  not an op is logged and ignored in `serve`, nowhere else.
+  not an op is logged and ignored in `serve`, nowhere else.  Lines are written whole under one
+  lock: the heartbeat thread and the loop never interleave.
+- While on a batch the worker sends `heartbeat` every `Infer.heartbeat_s` from a thread, so a long
+  batch (the GIL is released in the model's kernels and in I/O) still beats; only a stopped or
+  hung process goes silent, and the daemon kills it (issue 10: a SIGSTOPped worker stalled
+  everything for minutes with nothing logged).  No heartbeat follows the batch's answer.
+- A prediction or embedding holding NaN or Inf is never sent as a result: that job gets the
+  error `non_finite_output`, its batch-mates are unaffected (issue 10: NaN scores stored `done`).
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ import contextlib
 import ctypes
 import gc
 import logging
+import math
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -34,7 +43,15 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from ondemand import protocol as p
-from ondemand.errors import AudioError, AudioMissing, NotLoaded, OndemandError, ProtocolError
+from ondemand.errors import (
+    AudioError,
+    AudioMissing,
+    NonFiniteOutput,
+    NotLoaded,
+    OndemandError,
+    ProtocolError,
+    StorageFull,
+)
 from ondemand.spool import read_npy, write_npy
 
 log = logging.getLogger("ondemand.worker")
@@ -101,15 +118,55 @@ def _reported(e: Exception, what: str) -> p.ErrorInfo:
     return p.ErrorInfo(OndemandError.code, f"{type(e).__name__}: {e}")
 
 
+def _finite(value: Any) -> bool:
+    """Whether every number in a prediction's JSON (nested lists and objects) is finite."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
 class Worker:
     def __init__(self, backend: Backend, out: IO[str]) -> None:
         self.backend = backend
         self.out = out
         self.loaded = False
+        self._out_lock = threading.Lock()  # the loop and the heartbeat thread both write
 
     def send(self, event: p.Event) -> None:
-        self.out.write(p.encode(event))
-        self.out.flush()
+        line = p.encode(event)
+        with self._out_lock:
+            self.out.write(line)
+            self.out.flush()
+
+    @contextlib.contextmanager
+    def _beating(self, op: p.Infer) -> Iterator[None]:
+        """Send `heartbeat` every op.heartbeat_s from a thread until the block ends."""
+        period = op.heartbeat_s
+        if not period or period <= 0:
+            yield
+            return
+        stop = threading.Event()
+        t0 = time.perf_counter()
+
+        def beat() -> None:
+            while not stop.wait(period):
+                try:
+                    self.send(p.Heartbeat(batch=op.batch,
+                                          seconds=round(time.perf_counter() - t0, 3)))
+                except (OSError, ValueError):  # the daemon is gone: EOF on stdin ends us
+                    return
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{op.batch}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def handle(self, op: p.Op) -> bool:
         """Handle one op; False when the worker should exit."""
@@ -149,6 +206,11 @@ class Worker:
             self.send(p.BatchFailed(batch=op.batch, code=NotLoaded.code,
                                     message="the model is not loaded"))
             return
+        with self._beating(op):
+            answer = self._run_batch(op, t0)
+        self.send(answer)
+
+    def _run_batch(self, op: p.Infer, t0: float) -> p.Result | p.BatchFailed:
         results: list[p.ItemResult] = []
         clips: list[tuple[str, np.ndarray]] = []
         runnable: list[p.InferItem] = []
@@ -173,15 +235,33 @@ class Worker:
                 )
             except Exception as e:  # out_of_memory: the dispatcher retries the batch in halves
                 err = _reported(e, f"batch {op.batch}")
-                self.send(p.BatchFailed(batch=op.batch, code=err.code, message=err.message))
-                return
+                return p.BatchFailed(batch=op.batch, code=err.code, message=err.message)
             for item, pred in zip(runnable, preds, strict=True):
-                if item.embedding and pred.embedding is not None:
-                    write_npy(Path(item.embedding),
-                              np.asarray(pred.embedding, dtype=np.float32), durable=False)
-                results.append(p.ItemResult(item.job, result=pred.to_json()))
-        self.send(p.Result(batch=op.batch, seconds=round(time.perf_counter() - t0, 6),
-                           results=tuple(results)))
+                results.append(self._item(item, pred))
+        return p.Result(batch=op.batch, seconds=round(time.perf_counter() - t0, 6),
+                        results=tuple(results))
+
+    @staticmethod
+    def _item(item: p.InferItem, pred: PredictionLike) -> p.ItemResult:
+        result = pred.to_json()
+        emb = None
+        if item.embedding and pred.embedding is not None:
+            emb = np.asarray(pred.embedding, dtype=np.float32)
+        if not _finite(result) or (emb is not None and not np.isfinite(emb).all()):
+            what = "scores" if not _finite(result) else "embedding"
+            log.warning("job %s: the model's %s hold NaN or Inf; the job fails", item.job, what)
+            return p.ItemResult(item.job, error=p.ErrorInfo(
+                NonFiniteOutput.code,
+                f"the model produced NaN or infinite {what} for this clip, so no result was "
+                "stored; check the audio (silence, clipping, extreme values) and submit again"))
+        if emb is not None and item.embedding:
+            try:
+                write_npy(Path(item.embedding), emb, durable=False)
+            except OSError as e:  # a full disk: the daemon requeues the job and backs off
+                log.warning("job %s: cannot write the embedding: %s", item.job, e)
+                return p.ItemResult(item.job, error=p.ErrorInfo(
+                    StorageFull.code, f"the embedding could not be written ({e})"))
+        return p.ItemResult(item.job, result=result)
 
 
 def serve(backend: Backend) -> int:
