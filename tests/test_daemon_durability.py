@@ -89,7 +89,7 @@ def test_scale_to_zero_after_exit_after_s(tmp_path: Path) -> None:
         cfg = daemon_config(tmp_path, worker={"unload_after_s": -1, "exit_after_s": 0.3})
         async with Daemon(cfg) as d:
             job = await d.final((await d.submit(wav_bytes(0.5)))["id"])
-            pid = d.sup.status()["pid"] or next(
+            pid = d.sup.status().pid or next(
                 e.pid for e in d.events if getattr(e, "pid", None))
             assert job["status"] == "done"
             await d.wait_state("cold", timeout=5)
@@ -107,7 +107,7 @@ def test_unload_keeps_the_process_and_the_next_job_reuses_it(tmp_path: Path) -> 
         async with Daemon(cfg, env=fake_env(log=str(log))) as d:
             t0 = time.monotonic()  # the idle countdown starts after this
             await d.final((await d.submit(wav_bytes(0.5)))["id"])
-            pid = d.sup.status()["pid"]
+            pid = d.sup.status().pid
             await d.wait_state("unloaded", timeout=10)
             st = (await d.status())["worker"]
             assert st["pid"] == pid and pid_alive(pid)
@@ -115,7 +115,7 @@ def test_unload_keeps_the_process_and_the_next_job_reuses_it(tmp_path: Path) -> 
             assert st["unload_in_s"] is None
             job = await d.final((await d.submit(wav_bytes(0.5)))["id"])
             assert job["status"] == "done"
-            assert d.sup.status()["pid"] == pid and d.sup.spawns == 1 and d.sup.loads == 2
+            assert d.sup.status().pid == pid and d.sup.spawns == 1 and d.sup.loads == 2
             assert [e["op"] for e in fake_log(log)] == ["load", "infer", "unload", "load",
                                                          "infer"]
             await wait_for(lambda: d.sup.state.value == "unloaded", 5, "unloaded again")

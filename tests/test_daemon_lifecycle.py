@@ -52,7 +52,7 @@ def test_exit_during_load_is_classified(tmp_path: Path) -> None:
         async with Daemon(daemon_config(tmp_path), env=fake_env(exit_in_load="3")) as d:
             await d.submit(wav_bytes(0.5))
             await d.wait_state("backoff")
-            assert d.sup.status()["last_error"]["code"] == "exited_during_load"
+            assert d.sup.status().last_error.code == "exited_during_load"
             assert d.exits()[0].kind == "crashed" and "rc=3" in d.exits()[0].detail
 
     run(main())
@@ -65,7 +65,7 @@ def test_load_timeout_kills_a_hung_worker_even_if_it_ignores_sigterm(tmp_path: P
         async with Daemon(cfg, env=fake_env(hang_load="1", ignore_sigterm="1")) as d:
             await d.submit(wav_bytes(0.5))
             await d.wait_state("backoff", timeout=10)
-            assert d.sup.status()["last_error"]["code"] == "load_timeout"
+            assert d.sup.status().last_error.code == "load_timeout"
             (ex,) = d.exits()
             assert ex.kind == "stop_escalated" and not pid_alive(ex.pid)
 
@@ -142,10 +142,10 @@ def test_shutdown_escalates_to_sigkill_and_reaps(tmp_path: Path) -> None:
         d = Daemon(cfg, env=fake_env(hang_batch="1", ignore_sigterm="1", log=str(log)))
         async with d:
             job = await d.submit(wav_bytes(0.5))
-            await wait_for(lambda: d.sup.status()["in_flight"] == 1, 10, "batch running")
+            await wait_for(lambda: d.sup.status().in_flight == 1, 10, "batch running")
             # the lease is granted before the batch reaches the worker: wait until it hangs in it
             await wait_for(lambda: log.exists() and '"infer"' in log.read_text(), 10, "in batch")
-            pid = d.sup.status()["pid"]
+            pid = d.sup.status().pid
             t0 = time.monotonic()
         assert time.monotonic() - t0 < 30  # bounded by the stop timeouts, not the hung batch
         (ex,) = d.exits()
@@ -170,9 +170,9 @@ def test_never_unloads_under_a_running_batch(tmp_path: Path) -> None:
         cfg = daemon_config(tmp_path, worker={"unload_after_s": 0})
         async with Daemon(cfg) as d:
             await d.sup.load("test", hold_s=3600)  # loaded and held: nothing unloads it yet
-            with frozen(d.sup.status()["pid"]):  # the batch reaches a worker that cannot finish
+            with frozen(d.sup.status().pid):  # the batch reaches a worker that cannot finish
                 job = await d.submit(wav_bytes(0.5))
-                await wait_for(lambda: d.sup.status()["in_flight"] == 1, 10, "batch running")
+                await wait_for(lambda: d.sup.status().in_flight == 1, 10, "batch running")
                 await d.sup.unload("test")  # taken in while busy (the hold ends): deferred
                 assert d.sup.state is WorkerState.READY
             assert (await d.final(job["id"]))["status"] == "done"
@@ -190,7 +190,7 @@ def test_hold_suspends_the_idle_ladder_and_holds_merge(tmp_path: Path) -> None:
             t0 = time.monotonic()
             await d.sup.load("schedule:morning", hold_s=1.0)
             await d.sup.load("manual", hold_s=0.2)  # shorter: merged into the longer one
-            assert d.sup.status()["hold_trigger"] == "schedule:morning"
+            assert d.sup.status().hold_trigger == "schedule:morning"
             await d.wait_state("cold", timeout=10)
             changes = d.changes()
             assert changes[0].trigger == "schedule:morning"

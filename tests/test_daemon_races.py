@@ -54,7 +54,7 @@ def test_a_job_that_arrives_while_unloading_runs_once_on_the_reloaded_model(
         async with Daemon(daemon_config(tmp_path), env=fake_env(log=str(log))) as d:
             first = await d.final((await d.submit(wav_bytes(0.5), key="first"))["id"])
             assert first["status"] == "done"
-            pid = d.sup.status()["pid"]
+            pid = d.sup.status().pid
             with frozen(pid):  # the unload is sent but cannot be answered: `unloading` holds
                 async with d.http.post("/v1/worker/unload", json={}) as r:
                     assert r.status == 202
@@ -69,7 +69,7 @@ def test_a_job_that_arrives_while_unloading_runs_once_on_the_reloaded_model(
             assert d.states() == ["starting", "loading", "ready", "unloading", "unloaded",
                                   "loading", "ready"]
             assert d.sup.state.value == "ready"
-            assert d.sup.spawns == 1 and d.sup.loads == 2 and d.sup.status()["pid"] == pid
+            assert d.sup.spawns == 1 and d.sup.loads == 2 and d.sup.status().pid == pid
             ops = [(e["op"], e.get("keys")) for e in fake_log(log)]
             assert ops == [("load", None), ("infer", ["first"]), ("unload", None),
                            ("load", None), ("infer", ["late"])]
@@ -85,7 +85,7 @@ def test_a_job_that_arrives_while_the_worker_exits_gets_a_fresh_worker(tmp_path:
         async with Daemon(cfg, env=fake_env(log=str(log))) as d:
             with contextlib.ExitStack() as stack:
                 async with d.sup.lease("test"):  # loads; held, so no idle timer runs yet
-                    pid = d.sup.status()["pid"]
+                    pid = d.sup.status().pid
                     stack.enter_context(frozen(pid))
                 # released: the idle exit comes due and asks a worker that cannot answer
                 await d.wait_state("stopping")

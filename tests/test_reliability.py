@@ -302,14 +302,14 @@ def test_kill_9_worker_mid_batch_job_completes_after_retry(tmp_path: Path) -> No
             # inside the batch: the worker has logged it (a granted lease alone is not enough)
             await wait_for(lambda: any(e["op"] == "infer" for e in fake_log(log)), 10,
                            "in batch")
-            pid = d.sup.status()["pid"]
+            pid = d.sup.status().pid
             os.kill(pid, signal.SIGKILL)
             done = await d.final(job["id"])
             assert done["status"] == "done" and done["attempts"] == 2, done
             assert [e.kind for e in d.exits()] == ["killed"]
             assert d.sup.spawns == 2 and not pid_alive(pid)
             assert [e["pid"] for e in fake_log(log) if e["op"] == "infer"] == [
-                pid, d.sup.status()["pid"]]
+                pid, d.sup.status().pid]
 
     run(main())
 
