@@ -156,7 +156,7 @@ class Dispatcher:
             except STORAGE_ERRORS as e:
                 log.warning("dispatcher: cannot requeue %d interrupted job(s) (%s); they stay "
                             "running in the database and are requeued at the next start",
-                            len(ids), e)
+                            len(ids), e.__cause__ or e)
 
     def eta_s(self, position: int) -> float:
         """A rough wait for a job with `position` jobs ahead of it."""
@@ -178,8 +178,9 @@ class Dispatcher:
             except STORAGE_ERRORS as e:  # reading or moving jobs failed: nothing was changed
                 delay = backoff.next_s()
                 if backoff.failures == 1:
-                    log.warning("dispatcher: the job store fails (%s); retrying every %.1fs up "
-                                "to %gs until it works", e, delay, self.storage_cfg.retry_max_s)
+                    log.warning("dispatcher: the job store fails (%s); retrying after %.1fs, up "
+                                "to every %gs, until it works", e.__cause__ or e, delay,
+                                self.storage_cfg.retry_max_s)
                 await self._pause(delay)
 
     async def _step(self) -> None:
@@ -207,12 +208,13 @@ class Dispatcher:
         while True:
             try:
                 out = await write()
-            except STORAGE_ERRORS as e:
+            except STORAGE_ERRORS as exc:
+                e = exc.__cause__ or exc  # the database's own words: "database or disk is full"
                 if self._stopping:
                     log.warning("dispatcher: %s still fails at shutdown (%s); the job stays "
                                 "running in the database and is requeued at the next start",
                                 what, e)
-                    raise _Abandoned from e
+                    raise _Abandoned from exc
                 delay = backoff.next_s()
                 self.blocked = f"{what} failed ({e}); retrying"
                 if backoff.failures == 1:
