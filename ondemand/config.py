@@ -9,8 +9,10 @@ Documentation for every key lives next to it in the repository's `config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -30,6 +32,9 @@ DTYPES = ("float32", "bfloat16", "float16", "int8")
 # (tests/test_config_validation.py checks they agree).
 MAX_DECODE_MB = 512.0
 SAMPLE_RATE = 16000
+WEBHOOK_SECRET_ENV = "ONDEMAND_WEBHOOK_SECRET"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")
 
 
 def _setting(default: Any, check: Check | None = None) -> Any:
@@ -221,6 +226,117 @@ class PrewarmLeadConfig:
     factor: float = _setting(1.25, at_least_one)  # margin over the percentile
 
 
+def _list_of_str(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def build_allowed_hosts(value: Any, key: str) -> tuple[str, ...]:
+    """`webhooks.allowed_hosts`: host names (`hooks.example.com`, `*.example.com`: its
+    subdomains) or CIDR blocks (`10.20.0.0/16`, `192.0.2.7`, `2001:db8::/32`)."""
+    hosts = _list_of_str(value, key)
+    for i, h in enumerate(hosts, start=1):
+        if not (_is_cidr(h) or HOST_NAME.fullmatch(h)):
+            raise ConfigError(f"{key}[{i}]: must be a host name (hooks.example.com, "
+                              f"*.example.com) or a CIDR block (10.0.0.0/8), got {h!r}")
+    return hosts
+
+
+def _is_cidr(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """Job callbacks (daemon/webhooks.py, docs/webhooks.md).  Off until both `secret` (or
+    ONDEMAND_WEBHOOK_SECRET) and `allowed_hosts` are set."""
+
+    secret: str = ""  # HMAC-SHA256 key; "" = $ONDEMAND_WEBHOOK_SECRET, else webhooks off
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"build": build_allowed_hosts})
+    max_attempts: int = _setting(12, positive)
+    timeout_s: float = _setting(10.0, positive)  # one attempt, connect to last byte
+    backoff_min_s: float = _setting(10.0, positive)  # doubling per failed attempt, jittered
+    backoff_max_s: float = _setting(3600.0, positive)
+    concurrency: int = _setting(4, positive)  # attempts in flight at once
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.backoff_max_s < self.backoff_min_s:
+            return "backoff_max_s", (f"must be >= webhooks.backoff_min_s "
+                                     f"({self.backoff_min_s:g}), got {self.backoff_max_s:g}")
+        return None
+
+    def key(self) -> str:
+        return self.secret or os.environ.get(WEBHOOK_SECRET_ENV, "")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key() and self.allowed_hosts)
+
+
+SCOPES = ("jobs", "read", "admin")
+SERVER_TOKEN_NAME = "server"  # the owner name of jobs submitted with server.token
+TOKEN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def token_name(v: str) -> str | None:
+    if not v or len(v) > 64 or not set(v) <= TOKEN_NAME_CHARS:
+        return f"must be 1-64 characters of A-Z a-z 0-9 _ . -, got {v!r}"
+    if v == SERVER_TOKEN_NAME:
+        return f"{v!r} is reserved for server.token"
+    return None
+
+
+def sha256_hex(v: str) -> str | None:
+    if len(v) == 64 and set(v) <= set("0123456789abcdef"):
+        return None
+    return ("must be the 64 lowercase hex digits of the token's SHA-256 (`ondemand token create` "
+            f"prints it), got {v!r}")
+
+
+def build_scopes(value: Any, key: str) -> tuple[str, ...]:
+    scopes = _list_of_str(value, key)
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise ConfigError(f"{key}: must be a non-empty list of {', '.join(SCOPES)}, got {value!r}")
+    return scopes
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """One `[[tokens]]` table (daemon/auth.py): a named bearer token, stored as its SHA-256."""
+
+    name: str = _setting("", token_name)
+    sha256: str = _setting("", sha256_hex)
+    scopes: tuple[str, ...] = field(default=("jobs",), metadata={"build": build_scopes})
+    max_pending: int = _setting(0, non_negative)  # jobs queued or running at once; 0 = no limit
+    submits_per_minute: int = _setting(0, non_negative)  # 0 = no limit
+
+
+def build_tokens(value: Any, key: str) -> tuple[TokenConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[tokens]]), got {value!r}")
+    out: list[TokenConfig] = []
+    for i, item in enumerate(value, start=1):
+        path = f"{key}[{i}]."
+        if isinstance(item, Mapping):
+            for required in ("name", "sha256"):
+                if required not in item:
+                    raise ConfigError(f"{path}{required}: missing")
+        tok = build(TokenConfig, item, path)
+        for earlier in out:
+            if earlier.name == tok.name:
+                raise ConfigError(f"{path}name: {tok.name!r} is used by another token")
+            if earlier.sha256 == tok.sha256:
+                raise ConfigError(f"{path}sha256: the same token as {earlier.name!r}")
+        out.append(tok)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -233,9 +349,17 @@ class Config:
     # `[[prewarm]]` tables, in file order; key paths count from 1 (`prewarm[1].cron`).
     prewarm: tuple[PrewarmRule, ...] = field(default=(), metadata={"build": build_rules})
     prewarm_lead: PrewarmLeadConfig = field(default_factory=PrewarmLeadConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    # `[[tokens]]` tables: named, scoped tokens (daemon/auth.py); `tokens[1].name` is the first.
+    tokens: tuple[TokenConfig, ...] = field(default=(), metadata={"build": build_tokens})
 
     def auth_token(self) -> str:
         return self.server.token or os.environ.get("ONDEMAND_TOKEN", "")
+
+    def auth_required(self) -> bool:
+        """Whether requests need a bearer token: server.token (or ONDEMAND_TOKEN) or any
+        [[tokens]] is set."""
+        return bool(self.auth_token() or self.tokens)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

@@ -170,6 +170,34 @@ class Unauthorized(OndemandError):
     status = 401
 
 
+class Forbidden(OndemandError):
+    """A valid token whose scopes do not cover the route (daemon/auth.py: jobs, read, admin)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class CallbackRefused(BadRequest):
+    """A `callback_url` the daemon will not call: webhooks off, a scheme other than http(s),
+    userinfo, or a host outside `webhooks.allowed_hosts` (daemon/webhooks.py)."""
+
+    code = "callback_refused"
+
+
+class TooManyRequests(OndemandError):
+    """A token's `submits_per_minute` is used up; `retry_after_s` says when the next one fits."""
+
+    code = "rate_limited"
+    status = 429
+    default_retry_after_s = 5.0
+
+
+class TooManyPending(TooManyRequests):
+    """A token already has its `max_pending` jobs queued or running."""
+
+    code = "too_many_pending"
+
+
 class NotFound(OndemandError):
     code = "not_found"
     status = 404
