@@ -72,6 +72,17 @@ def check_file(path: Path) -> None:
                      f"is truncated ({size} bytes; its header says {pages * page_size})")
 
 
+def damage_from(e: sqlite3.DatabaseError) -> Damage | None:
+    """The Damage an error from SQLite reports, or None when it says nothing about the file's
+    contents (busy, locked, cannot open, I/O): those are not a reason to move a database aside."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_NOTADB:
+        return Damage("not_sqlite", f"is not a SQLite database ({e})")
+    if code == sqlite3.SQLITE_CORRUPT:
+        return Damage("corrupt", f"is corrupt ({e})")
+    return None
+
+
 def check_open(conn: sqlite3.Connection, *, app_id: int, version: int, table: str,
                columns: set[str], what: str) -> None:
     """On an open connection: integrity (quick_check) and identity.  A database of ours from
@@ -80,7 +91,10 @@ def check_open(conn: sqlite3.Connection, *, app_id: int, version: int, table: st
     try:
         rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
     except sqlite3.DatabaseError as e:
-        raise Damage("corrupt", f"is corrupt ({e})") from e
+        damage = damage_from(e)
+        if damage is None:
+            raise
+        raise damage from e
     if rows != ["ok"]:
         more = f" and {len(rows) - 1} more problem(s)" if len(rows) > 1 else ""
         raise Damage("corrupt", f"is corrupt (quick_check: {rows[0]}{more})")
@@ -92,7 +106,10 @@ def check_open(conn: sqlite3.Connection, *, app_id: int, version: int, table: st
         have = ({r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if table in tables else set())
     except sqlite3.DatabaseError as e:
-        raise Damage("corrupt", f"is corrupt ({e})") from e
+        damage = damage_from(e)
+        if damage is None:
+            raise
+        raise damage from e
     if found_id == app_id:
         if found_version > version:
             raise Damage("newer", f"was written by a newer ondemand (schema {found_version}; "

@@ -219,6 +219,27 @@ def test_damaged_job_database_refuses_start_with_one_line_and_the_mv(tmp_path: P
             assert stop(proc) == 0
 
 
+def test_database_held_by_another_program_is_not_called_damaged(tmp_path: Path) -> None:
+    # A writer outside the daemon (an operator's sqlite3 shell) holds the write lock: the store
+    # cannot recover its jobs, and says so without calling a healthy database damaged.
+    make_jobs_db(tmp_path, queued=3, done=0)
+    db = tmp_path / "jobs.sqlite3"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+
+        async def main() -> None:
+            with pytest.raises(StorageError) as caught:
+                await Store(tmp_path, max_pending=10).open()
+            assert caught.value.message == (
+                f"the job database {db}: cannot open it (database is locked); check the disk, "
+                "the file's owner and mode, and that no other program holds it "
+                f"(fuser {db})")
+
+        run(main())
+        other.execute("ROLLBACK")
+    assert not list(tmp_path.glob("jobs.sqlite3.*"))
+
+
 # -- the cost ledger: moved aside when damaged, refused when foreign ---------------------------
 def test_damaged_cost_ledger_is_moved_aside_and_a_new_one_starts(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -178,14 +178,27 @@ def _check(path: Path) -> None:
         dbcheck.check_open(conn, app_id=APP_ID, version=int(_SCHEMA_VERSION),
                            table="cost_intervals", columns=set(_COLUMNS), what="cost ledger")
     except sqlite3.DatabaseError as e:
-        raise Damage("corrupt", f"is corrupt ({e})") from e
+        damage = dbcheck.damage_from(e)
+        if damage is None:
+            raise
+        raise damage from e
     finally:
         conn.close()
 
 
 def open_for_writing(path: Path) -> sqlite3.Connection:
     """The daemon's connection to its ledger: created whole when absent; a damaged one moved
-    aside with a warning; a foreign or newer one refused (StorageError)."""
+    aside with a warning; a foreign or newer one, or one that cannot be opened, refused
+    (StorageError)."""
+    try:
+        return _open_for_writing(path)
+    except (OSError, sqlite3.Error) as e:  # busy, locked, no permission, I/O: not damage
+        raise StorageError(
+            f"the cost ledger {path}: cannot open it ({e}); check the disk, the file's owner and "
+            f"mode, and that no other program holds it (fuser {shlex.quote(str(path))})") from e
+
+
+def _open_for_writing(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         try:

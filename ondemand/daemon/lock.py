@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -95,8 +96,9 @@ def acquire(directory: Path) -> StorageLock:
             f"storage.dir {directory} is in use by another ondemand daemon ({who}); stop that "
             "daemon first, or give this one its own storage.dir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # only for the message; the flock is what counts
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     log.debug("storage lock taken: %s pid=%d", path, os.getpid())
     return StorageLock(directory, fd)
 

@@ -154,11 +154,20 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         conn.executescript(SCHEMA)
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise Damage("corrupt", f"is corrupt ({e})") from e
+        damage = dbcheck.damage_from(e)
+        if damage is None:
+            raise
+        raise damage from e
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _recover(conn: sqlite3.Connection) -> int:
+    """running -> queued: the previous process died under them (attempts already count it)."""
+    cur = conn.execute("UPDATE jobs SET status=?, started=NULL WHERE status=?", (QUEUED, RUNNING))
+    return cur.rowcount
 
 
 def _readable_jobs(path: Path) -> str:
@@ -314,27 +323,27 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> int:
         """Open (creating) the database; requeue jobs interrupted by a previous process.
-        Returns how many were requeued."""
-        for d in (self.dir, self.spool_dir, self.results_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._db = _DbThread(self.db_path)
-        self._db.start()
+        Returns how many were requeued.  Raises StorageError (one line, what to do) when the
+        database is damaged, foreign or cannot be opened."""
         try:
+            for d in (self.dir, self.spool_dir, self.results_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._db = _DbThread(self.db_path)
+            self._db.start()
             await asyncio.wrap_future(self._db.ready)
+            n = await self._call(_recover)
+            await self._sweep_spool()
         except Damage as e:
-            self._db = None
+            await self.close()
             raise StorageError(await asyncio.to_thread(self._refusal, e)) from e
-
-        def recover(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "UPDATE jobs SET status=?, started=NULL WHERE status=?", (QUEUED, RUNNING)
-            )
-            return cur.rowcount
-
-        n = await self._call(recover)
+        except (OSError, sqlite3.Error, StorageUnavailable) as e:  # busy, locked, no permission
+            await self.close()
+            raise StorageError(
+                f"the job database {self.db_path}: cannot open it ({e}); check the disk, the "
+                "file's owner and mode, and that no other program holds it "
+                f"(fuser {shlex.quote(str(self.db_path))})") from e
         if n:
             log.info("store recovered %d interrupted job(s) -> queued", n)
-        await self._sweep_spool()
         return n
 
     async def _sweep_spool(self) -> None:
