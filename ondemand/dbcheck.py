@@ -6,7 +6,9 @@ request and call itself ready; a truncated or garbage file ended start-up in a t
 0-byte file was silently taken for a new, empty queue.  So:
 
 - A database is created complete or not at all (`create`: a temporary file, set up, fsync'd and
-  renamed into place): a 0-byte or header-only file is never our doing, and is refused.
+  renamed into place): a 0-byte or header-only file is never our doing, and is refused.  Nor is
+  one created beside a `-wal` whose database was moved or deleted without it: SQLite would
+  replay that WAL's pages into the new file (tried: the new database showed the old tables).
 - An existing file must start with the SQLite header, be as long as its header says (unless a
   WAL holds the rest), pass `PRAGMA quick_check`, and carry our `application_id` (or be a
   database of ours from before the id: no id and our table).  Anything else raises `Damage`,
@@ -124,9 +126,23 @@ def check_open(conn: sqlite3.Connection, *, app_id: int, version: int, table: st
                             f"(application_id={found_id}, tables: {listed or 'none'})")
 
 
+def _orphans(path: Path) -> list[Path]:
+    """A `-wal` or `-journal` without its database (a `-shm` alone is only rebuilt)."""
+    return [p for p in companions(path) if p.name.endswith(("-wal", "-journal"))]
+
+
+def _orphaned(path: Path) -> str:
+    left = " and ".join(p.name for p in _orphans(path))
+    return (f"is missing but {left} is still there (the database was moved or deleted without "
+            "it; a new database would take in its pages)")
+
+
 def create(path: Path, setup: Callable[[sqlite3.Connection], None]) -> None:
     """Create the database at `path` whole: set up a temporary file, fsync it, rename it into
-    place, fsync the directory.  A crash leaves either no file or a complete one."""
+    place, fsync the directory.  A crash leaves either no file or a complete one.  Raises
+    Damage("orphaned") when a `-wal` or `-journal` of a vanished database is still there."""
+    if _orphans(path):
+        raise Damage("orphaned", _orphaned(path))
     tmp = path.with_name(f"{path.name}.new")
     for stale in companions(tmp):
         stale.unlink()

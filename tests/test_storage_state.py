@@ -29,7 +29,7 @@ import pytest
 from ondemand.client import Client
 from ondemand.cost.ledger import LEDGER_FILE
 from ondemand.daemon import lock as storage_lock
-from ondemand.daemon.store import DONE, QUEUED, Job, Store
+from ondemand.daemon.store import DONE, QUEUED, SCHEMA_VERSION, Job, Store
 from ondemand.errors import StorageError, StorageLocked
 from tests.conftest import (
     Daemon,
@@ -174,6 +174,17 @@ def _newer(db: Path) -> None:
         conn.execute("PRAGMA user_version = 99")
 
 
+def _orphaned_wal(db: Path) -> None:
+    """The database moved away without its -wal (which holds commits not yet in the file)."""
+    wal = db.with_name(db.name + "-wal")
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("UPDATE jobs SET key = 'changed'")
+        kept = wal.read_bytes()
+    db.rename(db.with_name("moved-away.sqlite3"))
+    wal.write_bytes(kept)
+
+
 DAMAGE = {
     "empty": (lambda db: db.write_bytes(b""), "is empty (0 bytes): not a database"),
     "garbage": (lambda db: db.write_bytes(random.Random(1).randbytes(20_000)),
@@ -182,7 +193,11 @@ DAMAGE = {
     "corrupt_middle": (_corrupt_middle, "is corrupt ("),
     "foreign": (_foreign, "is a SQLite database but not an ondemand job database "
                           "(application_id=0, tables: users)"),
-    "newer": (_newer, "was written by a newer ondemand (schema 99; this one knows 1)"),
+    "newer": (_newer, f"was written by a newer ondemand (schema 99; this one knows "
+                      f"{SCHEMA_VERSION})"),
+    "orphaned_wal": (_orphaned_wal, "is missing but jobs.sqlite3-wal is still there (the "
+                                    "database was moved or deleted without it; a new database "
+                                    "would take in its pages)"),
 }
 
 
@@ -194,24 +209,25 @@ def test_damaged_job_database_refuses_start_with_one_line_and_the_mv(tmp_path: P
     db = var / "jobs.sqlite3"
     damage, what = DAMAGE[kind]
     damage(db)
-    before = db.read_bytes()
+    before = {p.name: p.read_bytes() for p in var.glob("jobs.sqlite3*")}
     cfg = serve_config(tmp_path)
 
     line = serve_refused(cfg)
     assert line.startswith(f"the job database {db} {what}"), line
     assert "the daemon will not start on it" in line
-    if kind in ("empty", "garbage", "truncated"):
+    if kind in ("empty", "garbage", "truncated", "orphaned_wal"):
         assert "; no job can be read from it;" in line
     elif kind in ("corrupt_middle", "newer"):
         assert "still readable" in line and "queued" in line and "pending ids: job" in line
-    assert db.read_bytes() == before  # refused without touching it
+    assert {p.name: p.read_bytes() for p in var.glob("jobs.sqlite3*")} == before  # untouched
 
     # the printed command moves it aside with its spool; then the daemon starts on a new queue
     command = line[line.index("mkdir "):]
     aside = Path(shlex.split(command)[1])
     subprocess.run(command, shell=True, check=True)
-    assert (aside / "jobs.sqlite3").read_bytes() == before and (aside / "spool").is_dir()
-    if kind == "corrupt_middle":
+    assert {p.name: p.read_bytes() for p in aside.glob("jobs.sqlite3*")} == before
+    assert (aside / "spool").is_dir()
+    if kind in ("corrupt_middle", "orphaned_wal"):
         proc, url = start_serve(cfg, fake_env())
         try:
             assert Client(url).status()["queue"]["queued"] == 0

@@ -204,20 +204,28 @@ def _open_for_writing(path: Path) -> sqlite3.Connection:
         try:
             _check(path)
         except Damage as e:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            if e.kind in ("foreign", "newer"):
-                aside = shlex.quote(f"{path}.{e.kind}-{stamp}")
-                raise StorageError(
-                    f"the cost ledger {path} {e.detail}; the daemon will not write to it: check "
-                    f"storage.dir (is it the right directory?), or move it aside and a new "
-                    f"ledger starts: mv {shlex.quote(str(path))} {aside}") from e
-            aside_path = dbcheck.move_aside(path, f".{e.kind}-{stamp}")
-            log.warning("cost ledger %s %s: moved it aside to %s and started a new ledger; the "
-                        "cost history before now is only in that file", path, e.detail,
-                        aside_path)
+            _set_aside(path, e)
     if not path.exists():
-        dbcheck.create(path, _create)
+        try:
+            dbcheck.create(path, _create)
+        except Damage as e:  # a -wal whose ledger is gone
+            _set_aside(path, e)
+            dbcheck.create(path, _create)
     return connect(path)
+
+
+def _set_aside(path: Path, e: Damage) -> None:
+    """Move a damaged ledger aside with one warning; refuse (StorageError) one not ours."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if e.kind in ("foreign", "newer"):
+        aside = shlex.quote(f"{path}.{e.kind}-{stamp}")
+        raise StorageError(
+            f"the cost ledger {path} {e.detail}; the daemon will not write to it: check "
+            f"storage.dir (is it the right directory?), or move it aside and a new "
+            f"ledger starts: mv {shlex.quote(str(path))} {aside}") from e
+    aside_path = dbcheck.move_aside(path, f".{e.kind}-{stamp}")
+    log.warning("cost ledger %s %s: moved it aside to %s and started a new ledger; the "
+                "cost history before now is only in that file", path, e.detail, aside_path)
 
 
 def read_intervals(conn: sqlite3.Connection, since: float, until: float) -> list[Interval]:

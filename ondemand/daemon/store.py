@@ -175,8 +175,12 @@ def _readable_jobs(path: Path) -> str:
     counts: dict[str, int] = {}
     pending: list[str] = []
     complete = True
+    # Without a -wal nothing can be missed by reading the file as immutable, which creates no
+    # -wal/-shm beside it; with one, read-only through it.
+    wal = path.with_name(f"{path.name}-wal")
+    mode = "mode=ro" if wal.exists() else "immutable=1"
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
     except sqlite3.Error:
         return "no job can be read from it"
     try:
@@ -366,14 +370,18 @@ class Store:
     def _refusal(self, damage: Damage) -> str:
         """One line: the file, what is wrong, what can still be read, the exact command that
         moves it aside (with the spool and results that belong to it)."""
+        readable = ("no job can be read from it"
+                    if damage.kind in ("empty", "not_sqlite", "orphaned")
+                    else _readable_jobs(self.db_path))
         aside = self.dir / f"{DB_FILE}.{damage.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        moved = [*dbcheck.companions(self.db_path),
+        moved = [*dbcheck.companions(self.db_path),  # after reading: it may have made a -shm
                  *(d for d in (self.spool_dir, self.results_dir) if d.exists())]
         cmd = (f"mkdir {shlex.quote(str(aside))} && mv "
                f"{' '.join(shlex.quote(str(p)) for p in moved)} {shlex.quote(str(aside))}/")
-        readable = ("no job can be read from it" if damage.kind in ("empty", "not_sqlite")
-                    else _readable_jobs(self.db_path))
-        if damage.kind == "foreign":
+        if damage.kind == "orphaned":
+            todo = ("put the database back beside it (its latest commits are in it), or start "
+                    f"an empty queue by moving it aside: {cmd}")
+        elif damage.kind == "foreign":
             todo = ("check storage.dir (is it the right directory?); to start an empty queue "
                     f"here, move it aside: {cmd}")
         elif damage.kind == "newer":
