@@ -16,6 +16,9 @@ Invariants:
 - The database is checked before it is used (ondemand/dbcheck.py): an empty, garbage,
   truncated, corrupt or foreign file refuses start-up with one line naming the jobs that can
   still be read and the exact `mv` that moves it aside, never a traceback or a silent new queue.
+- Schema 2 (daemon/outbox.py) adds each job's owner (token name) and callback URL, the webhook
+  outbox and per-token usage; an older database is migrated forward at open, in one
+  transaction, after the checks.
 - At run time a failing database (corrupt, I/O error, read-only) turns `healthy` false with the
   reason in `error`, logged once per change, and callers get 503 `storage_unavailable`;
   corruption stays until a restart, the others clear on the next committed write (issue 10: every
@@ -40,12 +43,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ondemand import dbcheck
+from ondemand.daemon import outbox
 from ondemand.dbcheck import Damage
 from ondemand.errors import (
     JobNotFound,
     QueueFull,
     StorageError,
     StorageUnavailable,
+    TooManyPending,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +61,8 @@ FINAL = (DONE, FAILED, CANCELLED)
 _GROUP_MAX = 512  # operations per shared transaction
 DB_FILE = "jobs.sqlite3"
 APP_ID = 0x6F6E6A62  # PRAGMA application_id: "onjb", an ondemand job database
-SCHEMA_VERSION = 1  # PRAGMA user_version
+SCHEMA_VERSION = outbox.VERSION  # PRAGMA user_version; 2: daemon/outbox.py
+# The columns of schema 1: what identifies a job database of ours from before application_id.
 _COLUMNS = {"seq", "id", "status", "key", "granularity", "embedding", "duration_s", "created",
             "started", "finished", "attempts", "result", "error", "timings"}
 
@@ -97,11 +103,22 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
     timings: dict[str, float | None] = field(default_factory=dict)
+    owner: str = ""  # the token's name (daemon/auth.py); "" without auth
+    callback_url: str | None = None
+    callback: dict[str, Any] | None = None  # delivery state (outbox.callback_json), read only
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "key": self.key,
             "status": self.status,
+            "granularity": self.granularity,
+            "embedding": self.embedding,
+            "duration_s": self.duration_s,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "owner": self.owner,
             "result": self.result,
             "error": self.error,
             "timings": {
@@ -110,6 +127,7 @@ class Job:
                 "compute_s": self.timings.get("compute_s"),
             },
             "attempts": self.attempts,
+            "callback": self.callback,
         }
 
 
@@ -128,13 +146,29 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         result=json.loads(row["result"]) if row["result"] else None,
         error=json.loads(row["error"]) if row["error"] else None,
         timings=json.loads(row["timings"]) if row["timings"] else {},
+        owner=row["owner"],
+        callback_url=row["callback_url"],
+        callback=outbox.callback_json(row),
     )
+
+
+_SELECT_JOB = (f"SELECT jobs.*, {outbox.CALLBACK_SELECT} FROM {outbox.CALLBACK_FROM} "
+               "WHERE jobs.id = ?")
+
+
+def _document(conn: sqlite3.Connection, job_id: str) -> str | None:
+    """The job document as JSON text (a webhook's body), or None when the job is gone."""
+    row = conn.execute(_SELECT_JOB, (job_id,)).fetchone()
+    if row is None:
+        return None
+    return json.dumps(_row_to_job(row).to_json(), allow_nan=False)
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA application_id = {APP_ID}")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     conn.executescript(SCHEMA)
+    outbox.migrate(conn, user_version=SCHEMA_VERSION)
     conn.execute("PRAGMA journal_mode=WAL")
 
 
@@ -152,6 +186,7 @@ def _open_checked(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(SCHEMA)
+        outbox.migrate(conn, user_version=SCHEMA_VERSION)  # schema 1 -> 2, idempotent
     except sqlite3.DatabaseError as e:
         conn.close()
         damage = dbcheck.damage_from(e)
@@ -428,9 +463,10 @@ class Store:
         return self.results_dir / f"{job_id}.emb.npy"
 
     # -- operations ------------------------------------------------------------------------
-    async def add(self, job: Job) -> int:
+    async def add(self, job: Job, *, owner_max_pending: int = 0) -> int:
         """Insert a queued job whose audio is already spooled.  Returns its position (jobs ahead
-        of it).  Raises QueueFull when `max_pending` jobs are queued or running."""
+        of it).  Raises QueueFull when `max_pending` jobs are queued or running, TooManyPending
+        when its owner has `owner_max_pending` (0 = no limit) of them."""
         max_pending = self.max_pending
 
         def insert(conn: sqlite3.Connection) -> int:
@@ -442,22 +478,33 @@ class Store:
                     f"the queue is full ({pending} jobs pending, queue.max_pending={max_pending}); "
                     "retry later"
                 )
+            if owner_max_pending:
+                (mine,) = conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)",
+                    (job.owner, QUEUED, RUNNING)).fetchone()
+                if mine >= owner_max_pending:
+                    raise TooManyPending(
+                        f"token {job.owner!r} has {mine} jobs queued or running, its limit "
+                        f"(max_pending={owner_max_pending}); retry when one has finished")
             conn.execute(
-                "INSERT INTO jobs (id, status, key, granularity, embedding, duration_s, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, status, key, granularity, embedding, duration_s, created,"
+                " owner, callback_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, QUEUED, job.key, job.granularity, int(job.embedding), job.duration_s,
-                 job.created),
+                 job.created, job.owner, job.callback_url),
             )
             return int(pending)
 
         return await self._call(insert)
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job with its callback state; `owner` (a token name): only that owner's job,
+        another's is as unknown (404) as a job that does not exist."""
+
         def get(conn: sqlite3.Connection) -> sqlite3.Row | None:
-            return conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return conn.execute(_SELECT_JOB, (job_id,)).fetchone()
 
         row = await self._call(get)
-        if row is None:
+        if row is None or (owner is not None and row["owner"] != owner):
             raise JobNotFound(f"no job {job_id!r} (unknown, deleted or purged)")
         return _row_to_job(row)
 
@@ -543,14 +590,15 @@ class Store:
         row = await self._call(finish)
         return _row_to_job(row) if row is not None else None
 
-    async def cancel_or_delete(self, job_id: str) -> str:
+    async def cancel_or_delete(self, job_id: str, *, owner: str | None = None) -> str:
         """Cancel a queued or running job (-> cancelled, audio removed) or delete a finished one
         (row and files).  Returns "cancelled" or "deleted".  A running job's result is dropped
-        when its batch returns (`finish` only moves running jobs); its batch-mates finish."""
+        when its batch returns (`finish` only moves running jobs); its batch-mates finish.
+        `owner`: only that owner's job (another's is 404).  A pending callback keeps its body."""
 
         def op(conn: sqlite3.Connection) -> str:
-            row = conn.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
+            row = conn.execute("SELECT status, owner FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or (owner is not None and row["owner"] != owner):
                 raise JobNotFound(f"no job {job_id!r} (unknown, deleted or purged)")
             if row["status"] in (QUEUED, RUNNING):
                 conn.execute(
@@ -558,6 +606,7 @@ class Store:
                     (CANCELLED, time.time(), job_id),
                 )
                 return "cancelled"
+            outbox.freeze(conn, (job_id,), _document)
             conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             return "deleted"
 
@@ -575,7 +624,9 @@ class Store:
                 (older_than, *FINAL),
             ).fetchall()
             ids = [r["id"] for r in rows]
+            outbox.freeze(conn, ids, _document)
             conn.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
+            outbox.purge(conn, older_than)
             return ids
 
         ids = await self._call(purge)
@@ -584,6 +635,25 @@ class Store:
         if ids:
             log.info("store purged %d finished job(s)", len(ids))
         return len(ids)
+
+    # -- the webhook outbox and usage (daemon/outbox.py) -----------------------------------
+    async def due_deliveries(self, now: float, limit: int,
+                             exclude: Sequence[str] = ()) -> list[outbox.Delivery]:
+        """Pending deliveries due at `now` (bodies frozen), not those in `exclude`."""
+        return await self._call(lambda conn: outbox.due(conn, now, limit, tuple(exclude),
+                                                        _document))
+
+    async def next_delivery_at(self, exclude: Sequence[str] = ()) -> float | None:
+        return await self._call(lambda conn: outbox.next_due(conn, tuple(exclude)))
+
+    async def record_delivery(self, job: str, **outcome: Any) -> None:
+        """One attempt's outcome: attempts, state, last_status, last_error, next_attempt_at,
+        now (outbox.record)."""
+        await self._call(lambda conn: outbox.record(conn, job, **outcome))
+
+    async def usage(self, since: float | None = None,
+                    until: float | None = None) -> list[outbox.Usage]:
+        return await self._call(lambda conn: outbox.usage(conn, since, until))
 
     def remove_audio(self, job_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
