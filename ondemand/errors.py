@@ -141,6 +141,20 @@ class AudioTooManySamples(AudioError):
     code = "too_many_samples"
 
 
+class AudioNoStream(AudioError):
+    """A media file without an audio stream (a video without sound, a subtitle file); the
+    message names the streams it holds."""
+
+    code = "no_audio_stream"
+
+
+class AudioUnsupportedFormat(AudioError):
+    """A container or audio codec FFmpeg knows but we do not decode (ondemand/decoders.py);
+    the message names it."""
+
+    code = "unsupported_format"
+
+
 class UploadTooLarge(AudioError):
     code = "too_large"
     status = 413
