@@ -38,6 +38,7 @@ from ondemand import config as config_mod
 from ondemand.daemon import api
 from ondemand.daemon.app import build_app
 from ondemand.daemon.events import Event, StateChanged, WorkerExited
+from ondemand.daemon.http import make_runner
 from ondemand.daemon.supervisor import Supervisor, make_spawn
 from ondemand.gpu import PsutilProbe
 
@@ -263,7 +264,8 @@ class Daemon:
         self.app = build_app(cfg, spawn=make_spawn(cmd, env or fake_env()), gpu=PsutilProbe())
         self.events: list[Event] = []
         self.app[api.BUS].subscribe(self.events.append)
-        self.runner = web.AppRunner(self.app, access_log=None)
+        # the production runner (as `ondemand serve`): parser refusals answer in JSON too
+        self.runner = make_runner(self.app, cfg.server, access_log=None)
         self.url = ""
         self._http: aiohttp.ClientSession | None = None
 

@@ -28,11 +28,10 @@ import soxr
 
 from ondemand import audio
 from ondemand.audio import MAX_SOURCE_RATE, SAMPLE_RATE, decode
-from ondemand.config import Config
 from ondemand.daemon import api
 from ondemand.daemon import upload as upload_mod
 from ondemand.daemon.app import check_bind
-from ondemand.daemon.http import json_response, make_runner
+from ondemand.daemon.http import json_response
 from ondemand.errors import AudioError, ConfigError, RequestTimeout
 from tests.conftest import (
     Daemon,
@@ -157,15 +156,6 @@ def request(method: str, target: str, headers: dict[str, str] | None = None,
     lines = [f"{method} {target} HTTP/1.1", "Host: test"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-class JsonDaemon(Daemon):
-    """The Daemon harness on the production runner (http.make_runner, as `ondemand serve` uses):
-    the parser's own refusals answer in JSON there."""
-
-    def __init__(self, cfg: Config, **kw: Any) -> None:
-        super().__init__(cfg, **kw)
-        self.runner = make_runner(self.app, cfg.server, access_log=None)
 
 
 # == audio: cost, rate, magnitude ================================================================
@@ -536,7 +526,7 @@ def test_form_fields_are_refused_with_400(tmp_path: Path) -> None:
 def test_parser_refusals_answer_our_json(tmp_path: Path, what: str, raw: bytes,
                                          code: str) -> None:
     async def main() -> None:
-        async with JsonDaemon(daemon_config(tmp_path)) as d:
+        async with Daemon(daemon_config(tmp_path)) as d:
             r = await raw_http(d.url, raw)
             assert r.status == 400, (what, r.status, r.body[:200])
             err = r.error()
@@ -552,7 +542,7 @@ def test_parser_refusals_answer_our_json(tmp_path: Path, what: str, raw: bytes,
 
 def test_a_long_job_id_below_the_parser_limit_is_our_404(tmp_path: Path) -> None:
     async def main() -> None:
-        async with JsonDaemon(daemon_config(tmp_path)) as d:
+        async with Daemon(daemon_config(tmp_path)) as d:
             for method in ("GET", "DELETE"):
                 r = await raw_http(d.url, request(method, "/v1/jobs/" + "A" * 5000,
                                                   {"Connection": "close"}))
