@@ -5,6 +5,12 @@ Submission path (the only hot path): read the upload under `server.max_upload_mb
 time (daemon/upload.py: bad input never reaches the queue, let alone the GPU), spool the 16 kHz
 float32 samples with fsync, commit the row (group-committed), and only then answer 202.
 Every JSON answer goes through http.json_response (NaN and Infinity are refused, not written).
+
+Tokens (daemon/auth.py): a job records the name of the token that submitted it (`owner`); a
+token without `admin` sees only its own jobs (another's answers 404, as if it did not exist).
+A submission is counted against its token's `submits_per_minute` before its body is read, and
+against its `max_pending` in the insert's transaction.  `callback_url` (query or form field) is
+checked against `webhooks.allowed_hosts` before the body is decoded (daemon/destinations.py).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any
 from aiohttp import web
 
 from ondemand.config import Config
+from ondemand.daemon import auth
+from ondemand.daemon.destinations import check_callback
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus, JobFinished
 from ondemand.daemon.guard import TaskGuard
@@ -146,14 +154,19 @@ async def submit(request: web.Request) -> tuple[Job, int]:
     app = request.app
     store = app[STORE]
     refuse_if_draining(app)
+    who = auth.principal(request)
+    app[auth.LIMITER].admit(who)  # 429 before the body is read
     async with app[INTAKE].receive(request) as upload:  # holds its bytes until decoded
         granularity, embedding, key = _options(request, upload.fields)
+        callback = {**request.query, **upload.fields}.get("callback_url") or None
+        if callback is not None:
+            await check_callback(app[CONFIG].webhooks, callback)
         decoded = await app[INTAKE].decode(upload)
     loop = asyncio.get_running_loop()
     job_id = secrets.token_urlsafe(16)
     job = Job(id=job_id, status=QUEUED, key=key or PurePath(upload.filename).stem or job_id,
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
-              created=time.time())
+              created=time.time(), owner=who.name, callback_url=callback)
     path = store.audio_path(job_id)
     try:
         await loop.run_in_executor(None, functools.partial(
@@ -161,7 +174,7 @@ async def submit(request: web.Request) -> tuple[Job, int]:
     except OSError as e:
         raise _storage_error(e) from e
     try:
-        position = await store.add(job)
+        position = await store.add(job, owner_max_pending=who.max_pending)
     except sqlite3.OperationalError as e:
         store.remove_audio(job_id)
         if "full" in str(e):  # SQLITE_FULL: "database or disk is full"
@@ -178,8 +191,9 @@ async def submit(request: web.Request) -> tuple[Job, int]:
 
 async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
     store = request.app[STORE]
+    owner = auth.principal(request).owner_filter
     with request.app[WATCH].watch(job_id) as finished:
-        job = await store.get(job_id)
+        job = await store.get(job_id, owner=owner)
         if job.status in FINAL or wait_s <= 0:
             return job
         draining = asyncio.ensure_future(request.app[DRAINING].wait())
@@ -190,7 +204,7 @@ async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
         finally:
             draining.cancel()
             finish.cancel()
-    return await store.get(job_id)
+    return await store.get(job_id, owner=owner)
 
 
 def _wait_param(request: web.Request) -> float:
@@ -216,7 +230,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def get_embedding(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
-    job = await store.get(request.match_info["id"])
+    job = await store.get(request.match_info["id"], owner=auth.principal(request).owner_filter)
     if job.status != "done":
         raise JobConflict(f"job {job.id} is {job.status}; its embedding exists once it is done")
     path = store.embedding_path(job.id)
@@ -227,7 +241,8 @@ async def get_embedding(request: web.Request) -> web.StreamResponse:
 
 async def delete_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    outcome = await request.app[STORE].cancel_or_delete(job_id)
+    outcome = await request.app[STORE].cancel_or_delete(
+        job_id, owner=auth.principal(request).owner_filter)
     if outcome == "cancelled":
         request.app[BUS].publish(JobFinished(job=job_id, status="cancelled", queue_s=None,
                                              compute_s=None, attempts=0))
