@@ -17,6 +17,7 @@ import pytest
 
 import ondemand
 from ondemand.daemon import app as app_mod
+from ondemand.daemon import auth as auth_mod
 from ondemand.daemon.app import check_bind
 from ondemand.errors import ConfigError
 from tests.conftest import Daemon, daemon_config, fake_env, run, wav_bytes
@@ -107,7 +108,7 @@ def test_token_is_compared_in_constant_time(tmp_path: Path,
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(app_mod.hmac, "compare_digest", spy)
+    monkeypatch.setattr(auth_mod.hmac, "compare_digest", spy)
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path, server={"token": TOKEN})) as d:
