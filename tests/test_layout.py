@@ -53,6 +53,9 @@ RULES = (
          lazily=(("commands/engine_cmds.py", "ondemand.model"),)),
     Rule("the worker process never imports the front end",
          who=("worker/", "model/"), never=FRONT_END_PACKAGES),
+    # The client package runs in the user's program: core (errors, config) and itself only
+    Rule("the SDK imports only core modules",
+         who=("sdk/",), never=FRONT_END_PACKAGES + WORKER_SIDE),
     Rule("core modules import only core modules",
          # prewarm/rules.py is here because core imports it: it must be as pure as core
          who=(CORE, "client.py", "prewarm/rules.py"), never=FRONT_END_PACKAGES + WORKER_SIDE,
@@ -225,7 +228,7 @@ def test_import_rule(rule: Rule) -> None:
 
 def test_rules_cover_every_module() -> None:
     """Every module is under some folder the rules know: a new folder gets a line in RULES."""
-    known = ("daemon/", "cost/", "prewarm/", "commands/", "worker/", "model/")
+    known = ("daemon/", "cost/", "prewarm/", "commands/", "worker/", "model/", "sdk/")
     for rel in all_modules():
         file = rel.as_posix()
         assert "/" not in file or file.startswith(known), f"ondemand/{file}: add it to RULES"

@@ -69,12 +69,9 @@ def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
 
 
 def _fetch(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
-    from ondemand.client import Client
+    from ondemand.sdk import Client
 
-    query = {"since": args.since, "until": args.until}
-    doc: dict[str, Any] = Client(args.url, token=cfg.auth_token()).request(
-        "GET", "/v1/cost", query=query)
-    return doc
+    return Client(args.url, token=cfg.auth_token()).cost(since=args.since, until=args.until).raw
 
 
 # -- rendering -------------------------------------------------------------------------------
