@@ -52,6 +52,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
     from ondemand.cost.api import cost_document
+    from ondemand.cost.tokens import add_tokens, read_file
 
     path = Path(cfg.storage.dir) / LEDGER_FILE
     if not path.is_file():
@@ -63,9 +64,10 @@ def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
     try:
         since = cost.parse_when(args.since, now) if args.since else None
         until = cost.parse_when(args.until, now) if args.until else None
-        return cost_document(path, cfg, since=since, until=until, probe=None, now=now)
+        doc = cost_document(path, cfg, since=since, until=until, probe=None, now=now)
     except ValueError as e:
         raise BadRequest(str(e)) from e
+    return add_tokens(doc, read_file(Path(cfg.storage.dir)))
 
 
 def _fetch(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
