@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import secrets
 import sqlite3
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ondemand import protocol, segments
+from ondemand.audio import Limits
 from ondemand.config import Config
 from ondemand.daemon import auth
 from ondemand.daemon.destinations import check_callback
@@ -52,7 +53,6 @@ from ondemand.errors import (
     StorageFull,
 )
 from ondemand.protocol import GRANULARITIES
-from ondemand.spool import write_npy
 
 MAX_KEY_CHARS = 200
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -149,6 +149,37 @@ def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, s
     return granularity, embedding, key
 
 
+def _segmenting(request: web.Request, fields: dict[str, str],
+                granularity: str) -> protocol.Segmenting | None:
+    """The `segments` option (none | vad | fixed, with window_s and hop_s for fixed)."""
+    opts = {**request.query, **fields}
+    window = opts.get("window_s")
+    hop = opts.get("hop_s")
+    try:
+        spec = segments.make_spec(
+            opts.get("segments", "none"),
+            window_s=None if window is None else _number(window, "window_s"),
+            hop_s=None if hop is None else _number(hop, "hop_s"),
+            settings=request.app[CONFIG].segments)
+    except segments.SpecError as e:
+        raise BadRequest(str(e)) from None
+    if spec is not None and granularity != "utterance":
+        raise BadRequest("segments gives one result per segment: use granularity=utterance "
+                         "(with embedding=true the .npy holds one row per segment)")
+    return spec
+
+
+def _limits(cfg: Config, spec: protocol.Segmenting | None) -> Limits:
+    audio_cfg = cfg.audio
+    if spec is not None:
+        return Limits(audio_cfg.max_segmented_seconds, audio_cfg.decode_mb(True),
+                      "Split it into shorter recordings (audio.max_segmented_seconds).")
+    return Limits(audio_cfg.max_seconds, audio_cfg.decode_mb(False),
+                  f"Submit it with segments=vad (speech segments) or segments=fixed (windows) "
+                  f"for a timeline of recordings up to {audio_cfg.max_segmented_seconds:g} s, "
+                  "or split it.")
+
+
 async def submit(request: web.Request) -> tuple[Job, int]:
     """Validate, spool and durably queue one job; returns it and its queue position."""
     app = request.app
@@ -156,23 +187,23 @@ async def submit(request: web.Request) -> tuple[Job, int]:
     refuse_if_draining(app)
     who = auth.principal(request)
     app[auth.LIMITER].admit(who)  # 429 before the body is read
-    async with app[INTAKE].receive(request) as upload:  # holds its bytes until decoded
+    job_id = secrets.token_urlsafe(16)
+    path = store.audio_path(job_id)
+    async with app[INTAKE].receive(request) as upload:  # its file is removed when decoded
         granularity, embedding, key = _options(request, upload.fields)
+        spec = _segmenting(request, upload.fields, granularity)
         callback = {**request.query, **upload.fields}.get("callback_url") or None
         if callback is not None:
             await check_callback(app[CONFIG].webhooks, callback)
-        decoded = await app[INTAKE].decode(upload)
-    loop = asyncio.get_running_loop()
-    job_id = secrets.token_urlsafe(16)
+        try:  # streamed into the spool file, fsynced before it appears
+            decoded = await app[INTAKE].decode(upload, path, _limits(app[CONFIG], spec))
+        except OSError as e:
+            raise _storage_error(e) from e
     job = Job(id=job_id, status=QUEUED, key=key or PurePath(upload.filename).stem or job_id,
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
-              created=time.time(), owner=who.name, callback_url=callback)
-    path = store.audio_path(job_id)
-    try:
-        await loop.run_in_executor(None, functools.partial(
-            write_npy, path, decoded.samples, durable=True))
-    except OSError as e:
-        raise _storage_error(e) from e
+              created=time.time(), owner=who.name, callback_url=callback,
+              segments=None if spec is None else {
+                  "mode": spec.mode, "window_s": spec.window_s, "hop_s": spec.hop_s})
     try:
         position = await store.add(job, owner_max_pending=who.max_pending)
     except sqlite3.OperationalError as e:
@@ -219,12 +250,13 @@ async def post_job(request: web.Request) -> web.Response:
     job, position = await submit(request)
     body = {"id": job.id, "status": job.status, "position": position,
             "worker": request.app[SUPERVISOR].state.value,
-            "eta_s": request.app[DISPATCHER].eta_s(position)}
+            "eta_s": request.app[DISPATCHER].eta_s(position, job.duration_s)}
     return json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await _wait_final(request, request.match_info["id"], _wait_param(request))
+    job.progress = request.app[DISPATCHER].progress_of(job.id)
     return json_response(job.to_json())
 
 

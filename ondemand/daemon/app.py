@@ -93,7 +93,8 @@ def build_app(
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         disp = Dispatcher(app[api.STORE], app[api.SUPERVISOR], bus, cfg.queue, cfg.worker,
-                          stop_timeout_s=cfg.server.stop_timeout_s, storage_cfg=cfg.storage)
+                          stop_timeout_s=cfg.server.stop_timeout_s, storage_cfg=cfg.storage,
+                          segments_cfg=cfg.segments)
         disp.start()
         app[api.DISPATCHER] = disp
         with guard.watching(disp.task):

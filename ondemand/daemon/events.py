@@ -86,6 +86,16 @@ class JobFinished(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class JobProgress(Event):
+    """A running segmented job's progress (issue 12): every segment ending before `done_s` of
+    the recording's `total_s` is classified (the worker's protocol.Progress)."""
+
+    job: str
+    done_s: float
+    total_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerActivity(Event):
     """In-flight work or a hold changed without a state change: published when the in-flight
     count goes 0 -> 1 or back to 0, and when a hold is set or cleared.  The cost ledger splits

@@ -106,6 +106,9 @@ class Job:
     owner: str = ""  # the token's name (daemon/auth.py); "" without auth
     callback_url: str | None = None
     callback: dict[str, Any] | None = None  # delivery state (outbox.callback_json), read only
+    # issue 12: {mode: vad|fixed, window_s, hop_s} for a timeline; None = classified whole
+    segments: dict[str, Any] | None = None
+    progress: dict[str, float] | None = None  # {done_s, total_s} while running (not stored)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +131,10 @@ class Job:
             },
             "attempts": self.attempts,
             "callback": self.callback,
+            "segments": self.segments["mode"] if self.segments else "none",
+            **({"window_s": self.segments.get("window_s"), "hop_s": self.segments.get("hop_s")}
+               if self.segments and self.segments.get("mode") == "fixed" else {}),
+            "progress": self.progress,
         }
 
 
@@ -149,6 +156,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         owner=row["owner"],
         callback_url=row["callback_url"],
         callback=outbox.callback_json(row),
+        segments=json.loads(row["segments"]) if row["segments"] else None,
     )
 
 
@@ -488,9 +496,10 @@ class Store:
                         f"(max_pending={owner_max_pending}); retry when one has finished")
             conn.execute(
                 "INSERT INTO jobs (id, status, key, granularity, embedding, duration_s, created,"
-                " owner, callback_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " owner, callback_url, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, QUEUED, job.key, job.granularity, int(job.embedding), job.duration_s,
-                 job.created, job.owner, job.callback_url),
+                 job.created, job.owner, job.callback_url,
+                 json.dumps(job.segments) if job.segments else None),
             )
             return int(pending)
 
