@@ -193,9 +193,10 @@ AUDIO_BODY = {
         "application/octet-stream": {"schema": {"type": "string"}},
     },
 }
-SUBMIT_ERRORS = ("bad_request", "bad_audio", "empty", "too_short", "too_long", "non_finite",
-                 "undecodable", "out_of_range", "bad_sample_rate", "too_many_samples",
-                 "callback_refused", "request_timeout", "too_large", "unsupported_media_type",
+# Every audio refusal (each AudioError subclass: a new one is described here by itself).
+AUDIO_ERRORS = tuple(dict.fromkeys(cls.code for cls in errors.all_errors()
+                                   if issubclass(cls, errors.AudioError)))
+SUBMIT_ERRORS = ("bad_request", *AUDIO_ERRORS, "callback_refused", "request_timeout",
                  "rate_limited", "too_many_pending", "queue_full", "shutting_down",
                  "insufficient_storage", "storage_unavailable")
 STORE_ERRORS = ("storage_unavailable",)
