@@ -27,6 +27,18 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                                                "./config.toml)")
 
 
+def _segment_args(p: argparse.ArgumentParser) -> None:
+    """--segments/--window-s/--hop-s: a timeline of a long recording (docs/recordings.md)."""
+    p.add_argument("--segments", choices=["none", "vad", "fixed"], default="none",
+                   help="none: one result for the whole clip (at most audio.max_seconds); "
+                        "vad: one per stretch of speech; fixed: one per window (a timeline, "
+                        "recordings up to audio.max_segmented_seconds)")
+    p.add_argument("--window-s", type=float, help="--segments fixed: window length, seconds "
+                                                  "(default: config segments.window_s)")
+    p.add_argument("--hop-s", type=float, help="--segments fixed: seconds between window "
+                                               "starts (default: config segments.hop_s)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the scale-to-zero daemon (HTTP API v1)")
     s.add_argument("--config", type=Path, help="config file (default: ONDEMAND_CONFIG or "
@@ -43,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", type=int, default=8, help="concurrent uploads (default 8)")
     p.add_argument("--callback-url", help="the daemon POSTs each job's final document here "
                                           "(docs/webhooks.md)")
+    _segment_args(p)
     _client_args(p)
     p.set_defaults(func=cmd_submit)
 
@@ -110,7 +123,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             accepted = client.submit(Path(name), granularity=args.granularity,
                                      embedding=args.embeddings_dir is not None, key=key,
-                                     callback_url=args.callback_url)
+                                     callback_url=args.callback_url, segments=args.segments,
+                                     window_s=args.window_s, hop_s=args.hop_s)
             if not wait:
                 return {"file": name, "key": key, **accepted.raw}
             job = client.wait(accepted.id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,7 +58,11 @@ class SileroVad:
 
     def __init__(self, path: Path | None = None, *, streams: int = STREAMS,
                  warmup_s: float = WARMUP_S) -> None:
-        self.model: Any = torch.jit.load(str(path or model_path()), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates TorchScript loading in favour of torch.export; the wheel
+            # ships TorchScript (and ONNX, which would need onnxruntime): it still loads.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model: Any = torch.jit.load(str(path or model_path()), map_location="cpu")
         self.model.eval()
         self.streams = streams
         self.warmup = round(warmup_s * SAMPLE_RATE / WINDOW)

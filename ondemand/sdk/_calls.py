@@ -51,9 +51,15 @@ def audio_bytes(audio: Audio, filename: str | None) -> tuple[bytes, str, str]:
 
 
 def submit(path: str, audio: Audio, *, filename: str | None, granularity: str, embedding: bool,
-           key: str | None, callback_url: str | None) -> Call:
+           key: str | None, callback_url: str | None, segments: str = "none",
+           window_s: float | None = None, hop_s: float | None = None) -> Call:
     data, ctype, name = audio_bytes(audio, filename)
     query = {"granularity": granularity, "embedding": _flag(embedding)}
+    if segments != "none":  # issue 12: a timeline (docs/recordings.md)
+        query["segments"] = segments
+    for opt, value in (("window_s", window_s), ("hop_s", hop_s)):
+        if value is not None:
+            query[opt] = f"{value:g}"
     stem = PurePath(name).stem if name else ""
     if key is not None or stem:
         query["key"] = key if key is not None else stem

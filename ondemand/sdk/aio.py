@@ -87,10 +87,13 @@ class AsyncClient:
 
     async def submit(self, audio: Audio, *, filename: str | None = None,
                      granularity: str = "utterance", embedding: bool = False,
-                     key: str | None = None, callback_url: str | None = None) -> Accepted:
+                     key: str | None = None, callback_url: str | None = None,
+                     segments: str = "none", window_s: float | None = None,
+                     hop_s: float | None = None) -> Accepted:
         return Accepted.from_json(await self.call(_calls.submit(
             "/v1/jobs", audio, filename=filename, granularity=granularity,
-            embedding=embedding, key=key, callback_url=callback_url)))
+            embedding=embedding, key=key, callback_url=callback_url, segments=segments,
+            window_s=window_s, hop_s=hop_s)))
 
     async def recognize(self, audio: Audio, *, filename: str | None = None,
                         granularity: str = "utterance", embedding: bool = False,

@@ -97,11 +97,15 @@ class Client(Transport):
 
     def submit(self, audio: Audio, *, filename: str | None = None,
                granularity: str = "utterance", embedding: bool = False,
-               key: str | None = None, callback_url: str | None = None) -> Accepted:
-        """Queue a clip: a path, bytes or a binary file."""
+               key: str | None = None, callback_url: str | None = None,
+               segments: str = "none", window_s: float | None = None,
+               hop_s: float | None = None) -> Accepted:
+        """Queue a clip: a path, bytes or a binary file.  `segments` vad or fixed (with
+        window_s, hop_s): a timeline of a long recording (docs/recordings.md)."""
         return Accepted.from_json(self.call(_calls.submit(
             "/v1/jobs", audio, filename=filename, granularity=granularity,
-            embedding=embedding, key=key, callback_url=callback_url)))
+            embedding=embedding, key=key, callback_url=callback_url, segments=segments,
+            window_s=window_s, hop_s=hop_s)))
 
     def recognize(self, audio: Audio, *, filename: str | None = None,
                   granularity: str = "utterance", embedding: bool = False,
