@@ -25,8 +25,9 @@ the fake worker's log and reports: submissions accepted (202), done, failed (by 
 (a 202'd id missing or not final: must be 0), stuck past their deadline (must be 0), how often
 each done job's batch ran (a kill mid-batch runs it again; a job is still *done* once: one row,
 finished once), worker exits by kind, the SIGSTOPped workers the daemon killed as hung, the front
-end's peak RSS (psutil, every incarnation), tracebacks in its log, and the exit status of the
-final SIGTERM (must be 0).
+end's peak RSS (psutil, every incarnation), SIGSTOPped workers still alive at the end (must be
+0: the daemon killed them as hung, or they died with a killed front end), tracebacks in its log,
+and the exit status of the final SIGTERM (must be 0).
 """
 
 from __future__ import annotations
@@ -287,6 +288,13 @@ async def wait_drained(fe: FrontEnd, deadline: float) -> bool:
     return False
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def report(tally: Tally, db: Path, fake_log: Path, serve_log: Path, fe: FrontEnd,
            exit_status: int | None, seconds: float, jobs: int, tmpfs_note: str) -> dict[str, Any]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -340,6 +348,7 @@ def report(tally: Tally, db: Path, fake_log: Path, serve_log: Path, fe: FrontEnd
         "rows_whose_202_was_lost": dict(extra),
         "sigstopped_workers": len(stopped),
         "sigstopped_killed_as_hung": len(stopped_killed),
+        "sigstopped_left_alive": sum(_alive(pid) for pid in stopped),
         "hung_kill_after_s_max": round(max(hung.values()), 2) if hung else None,
         "front_end_starts": fe.starts,
         "front_end_peak_rss_mb": round(fe.peak_rss / 2**20, 1),
