@@ -70,7 +70,18 @@ def _schemas() -> dict[str, Schema]:
                     "description": "Per label (utterance); per frame, per label (frame)."},
          "top": _nullable(_obj({"label": STR, "score": NUM})),
          "frames": INT, "duration_s": NUM},
-        description="The engine's prediction (docs/engine.md); a worker may add keys.")
+        {"segments": {"type": "array", "items": _obj(
+            {"start_s": NUM, "end_s": NUM, "top": _nullable(_obj({"label": STR, "score": NUM})),
+             "scores": {"type": "array", "items": NUM}}, closed=True),
+            "description": "segments=vad|fixed: one result per segment, in time order."},
+         "summary": _obj({"scores": {"type": "array", "items": NUM},
+                          "top": _nullable(_obj({"label": STR, "score": NUM})),
+                          "label_share": {"type": "object", "additionalProperties": NUM},
+                          "speech_s": NUM},
+                         description="Duration-weighted mean scores, the dominant label, each "
+                                     "label's share of the time (sums to 1).")},
+        description="The engine's prediction (docs/engine.md); a worker may add keys; a "
+                    "segmented job's adds segments and summary (docs/recordings.md).")
     return {
         "Error": _obj({"error": _obj(
             {"code": {"type": "string", "enum": [*codes, "http_error"],
@@ -95,7 +106,11 @@ def _schemas() -> dict[str, Schema]:
              "timings": _obj({"queue_s": NUM_OR_NULL, "cold_start_s": NUM_OR_NULL,
                               "compute_s": NUM_OR_NULL}),
              "attempts": INT, "callback": _nullable(_ref("Callback"))},
-            optional={"position": INT}),
+            optional={"position": INT,
+                      "segments": {"type": "string", "enum": ["none", "vad", "fixed"]},
+                      "window_s": NUM, "hop_s": NUM,
+                      "progress": _nullable(_obj({"done_s": NUM, "total_s": NUM,
+                                                  "eta_s": NUM}))}),
         "JobAccepted": _obj({"id": STR, "status": {"const": "queued"}, "position": INT,
                              "worker": {"type": "string", "enum": [s.value for s in WorkerState]},
                              "eta_s": NUM_OR_NULL}),
@@ -177,6 +192,12 @@ SUBMIT_OPTIONS = [
            "Keep the embedding (GET /v1/jobs/{id}/embedding.npy)."),
     _param("key", "query", {"type": "string", "maxLength": 200},
            "Your name for the clip (default: the file name's stem)."),
+    _param("segments", "query", {"type": "string", "enum": ["none", "vad", "fixed"]},
+           "none: one result for the clip (at most audio.max_seconds); vad: one per stretch of "
+           "speech; fixed: one per window; both up to audio.max_segmented_seconds "
+           "(docs/recordings.md)."),
+    _param("window_s", "query", NUM, "segments=fixed: window length, seconds."),
+    _param("hop_s", "query", NUM, "segments=fixed: seconds between window starts."),
     _param("callback_url", "query", {"type": "string", "maxLength": 2048},
            "POST the final job document here, signed (docs/webhooks.md); the host must be in "
            "webhooks.allowed_hosts."),
@@ -188,7 +209,8 @@ AUDIO_BODY = {
     "content": {
         "multipart/form-data": {"schema": _obj(
             {"audio": {"type": "string", "contentMediaType": "application/octet-stream"}},
-            {"granularity": STR, "embedding": STR, "key": STR, "callback_url": STR})},
+            {"granularity": STR, "embedding": STR, "key": STR, "callback_url": STR,
+             "segments": STR, "window_s": STR, "hop_s": STR})},
         "audio/*": {"schema": {"type": "string", "contentMediaType": "audio/*"}},
         "application/octet-stream": {"schema": {"type": "string"}},
     },
