@@ -23,7 +23,7 @@ from aiohttp import BodyPartReader, web
 from ondemand.audio import decode
 from ondemand.config import Config
 from ondemand.daemon.dispatcher import Dispatcher
-from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.events import EventBus, JobFinished, JobQueued
 from ondemand.daemon.http import BadRequest
 from ondemand.daemon.store import (
     FINAL,
@@ -226,6 +226,7 @@ async def submit(request: web.Request) -> tuple[Job, int]:
         # at the next start, a row without its audio would be a half job.
         store.remove_audio(job_id)
         raise
+    app[BUS].publish(JobQueued(job=job_id, position=position))
     app[DISPATCHER].wake()
     return job, position
 

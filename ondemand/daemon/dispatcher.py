@@ -32,7 +32,7 @@ from typing import Any
 from ondemand import batching
 from ondemand.audio import SAMPLE_RATE
 from ondemand.config import QueueConfig, WorkerConfig
-from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.events import EventBus, JobFinished, JobsStarted
 from ondemand.daemon.store import DONE, FAILED, Job, Store
 from ondemand.daemon.supervisor import (
     BatchFailed,
@@ -169,6 +169,7 @@ class Dispatcher:
         for j in batch:
             j.attempts += 1
             j.started = started
+        self.bus.publish(JobsStarted(jobs=tuple(j.id for j in batch)))
         self._running = batch  # left set when cancelled: close() requeues it
         try:
             await self._infer(lease, batch, cold_s)

@@ -83,6 +83,21 @@ class JobFinished(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class JobQueued(Event):
+    """A job was accepted (its row committed); `position`: jobs pending ahead of it."""
+
+    job: str
+    position: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobsStarted(Event):
+    """Jobs moved from queued to running: one batch about to be sent to the worker."""
+
+    jobs: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerActivity(Event):
     """In-flight work or a hold changed without a state change: published when the in-flight
     count goes 0 -> 1 or back to 0, and when a hold is set or cleared.  The cost ledger splits
