@@ -26,8 +26,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ondemand.config import Config
+from ondemand.console import routes as console
 from ondemand.cost import api as cost_api
-from ondemand.daemon import api
+from ondemand.daemon import api, events_api, jobs_api
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
 from ondemand.daemon.http import Handler, Unauthorized, error_middleware, response_for
@@ -64,7 +65,7 @@ def _auth_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path not in OPEN_PATHS:
+        if token and request.path not in OPEN_PATHS and not console.is_public(request.path):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return response_for(Unauthorized(
@@ -126,6 +127,9 @@ def build_app(
     api.add_routes(app)
     cost_api.setup(app, cfg, gpu=gpu)  # ledger + sampler + metrics: first up, last down
     prewarm_api.setup(app, cfg)  # scheduled holds: last up, first down
+    jobs_api.add_routes(app)  # GET /v1/jobs: the recent-jobs listing
+    events_api.setup(app, cfg)  # GET /v1/events (SSE): up after prewarm, down before it
+    console.setup(app, cfg)  # the web page at / (no token needed for the page itself)
     return app
 
 
