@@ -14,6 +14,8 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_IGNORE_SIGTERM=1   SIGTERM is ignored (stop must escalate to SIGKILL)
   FAKE_OOM_ABOVE=N        batches of more than N clips raise OutOfMemory
   FAKE_LOG=PATH           append one JSON line per op: {"pid", "op", "n", "keys"}
+  FAKE_SEGMENTS=N         results carry N `segments` ({start_s, end_s, scores}), as segment-level
+                          analysis of long recordings would (the console draws them)
 """
 
 from __future__ import annotations
@@ -59,10 +61,20 @@ class FakePrediction:
         raw = np.array([1.0 + (self.samples % (7 + i)) for i in range(len(LABELS))])
         scores = (raw / raw.sum()).tolist()
         top = int(np.argmax(scores))
-        return {"key": self.key, "labels": LABELS, "scores": scores,
-                "top": {"label": LABELS[top], "score": scores[top]},
-                "frames": max(1, (self.samples - 400) // 320 + 1),
-                "duration_s": round(self.samples / 16000, 6)}
+        out: dict[str, Any] = {
+            "key": self.key, "labels": LABELS, "scores": scores,
+            "top": {"label": LABELS[top], "score": scores[top]},
+            "frames": max(1, (self.samples - 400) // 320 + 1),
+            "duration_s": round(self.samples / 16000, 6)}
+        n = int(_env("FAKE_SEGMENTS", "0"))
+        if n:
+            step = out["duration_s"] / n  # segment i peaks on label i (mod the label count)
+            out["segments"] = [
+                {"start_s": round(i * step, 6), "end_s": round((i + 1) * step, 6),
+                 "scores": [0.7 if j == i % len(LABELS) else 0.3 / (len(LABELS) - 1)
+                            for j in range(len(LABELS))]}
+                for i in range(n)]
+        return out
 
 
 class FakeBackend:
