@@ -109,6 +109,10 @@ def test_static_files_are_packaged_reference_each_other_and_no_other_host() -> N
         for dep in re.findall(r'from "\./([^"]+)"', text):
             assert dep in bundle.files, (name, dep)
         assert not re.search(r"https?://", text), f"{name} names another host"
+    # every module is announced up front (no import discovered late, one round trip later)
+    preloaded = set(re.findall(r'rel="modulepreload" href="[^"]*/([^"/]+)"', own["index.html"]))
+    modules = {n for n in own if n.endswith(".js")}
+    assert preloaded == modules - {"app.js"}, modules ^ preloaded
     # vendored files carry their version in the name and their licence beside them
     vendored = [n for n in bundle.files if n.startswith("vendor/") and "LICENSE" not in n]
     for name in vendored:

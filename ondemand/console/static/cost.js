@@ -13,7 +13,10 @@ const PHASES = [
 ];
 const COLD_COLOR = "#1f6feb";
 
-const hours = (x) => (x < 1 ? `${(x * 60).toFixed(x * 60 < 10 ? 1 : 0)} min` : `${x.toFixed(x < 10 ? 2 : 1)} h`);
+function hours(x) {
+  if (x * 60 < 1) return `${Math.round(x * 3600)} s`;
+  return x < 1 ? `${(x * 60).toFixed(x * 60 < 10 ? 1 : 0)} min` : `${x.toFixed(x < 10 ? 2 : 1)} h`;
+}
 
 export class CostPanel {
   constructor() {
@@ -95,7 +98,7 @@ export class CostPanel {
     data.push(days.map((d) => d.cold_starts || null));
     const opts = {
       width: Math.max(280, chartBox.clientWidth || 320), height: 220, series,
-      scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi, unit.f === 60 ? 1 : 0.1)] }, n: { range: (u, lo, hi) => [0, Math.max(4, hi + 1)] } },
+      scales: { x: { time: true, range: (u, lo, hi) => [lo - 43200, hi + 43200] }, y: { range: (u, lo, hi) => [0, Math.max(hi, unit.f === 60 ? 1 : 0.1)] }, n: { range: (u, lo, hi) => [0, Math.max(4, hi + 1)] } },
       axes: [{ size: 30 }, { label: unit.name, size: 44 }, { scale: "n", side: 1, label: "cold starts", size: 40, grid: { show: false } }],
       legend: { live: true },
       cursor: { points: { show: false } },
@@ -145,7 +148,7 @@ function lastFire(last) {
   return last.lateness_s <= 0 ? `last ready ${seconds(-last.lateness_s, 0)} early` : `last ready ${seconds(last.lateness_s, 1)} late`;
 }
 
-const setting = (v) => (v < 0 ? "-1 (never)" : `${Math.round(v)}`);
+const setting = (v) => (v < 0 ? "-1 (never)" : v === 0 ? "0 (at once)" : `${Math.round(v)}`);
 
 export function recommendation(r) {
   if (!r) return "";
