@@ -385,15 +385,18 @@ class Store:
         if before is not None:
             where.append("seq < (SELECT seq FROM jobs WHERE id=?)")
             args.append(before)
+        # Positions in one pass over the pending jobs (at most queue.max_pending rows), not a
+        # count per listed row: the page re-reads this while a queue drains.
         sql = (
-            "SELECT id, status, key, granularity, embedding, duration_s, created, started,"
-            " finished, attempts, json_extract(result, '$.top') AS top, error, timings,"
-            " CASE WHEN status IN (?, ?) THEN (SELECT COUNT(*) FROM jobs p"
-            "   WHERE p.status IN (?, ?) AND p.seq < j.seq) END AS ahead"
-            f" FROM jobs j {'WHERE ' + ' AND '.join(where) if where else ''}"
+            "WITH pending AS (SELECT id, ROW_NUMBER() OVER (ORDER BY seq) - 1 AS ahead"
+            "  FROM jobs WHERE status IN (?, ?))"
+            " SELECT j.id, status, key, granularity, embedding, duration_s, created, started,"
+            " finished, attempts, json_extract(result, '$.top') AS top, error, timings, ahead"
+            " FROM jobs j LEFT JOIN pending p ON p.id = j.id"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
             " ORDER BY seq DESC LIMIT ?"
         )
-        params = (QUEUED, RUNNING, QUEUED, RUNNING, *args, limit)
+        params = (QUEUED, RUNNING, *args, limit)
 
         def select(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             return conn.execute(sql, params).fetchall()

@@ -55,7 +55,7 @@ export class Analyse {
     this.cards = new Map(); // job id -> Card
     this.list = $("#result-list");
     this.recorder = null;
-    this.refreshPositions = debounce(() => this.positions(), 250);
+    this.refreshPositions = debounce(() => this.positions(), 1000); // at most 1/s while a queue drains
     this.wire();
   }
 
@@ -185,7 +185,7 @@ export class Analyse {
     if (!waiting.length) return;
     let listing;
     try {
-      listing = await api.jobs({ status: "queued", limit: 500 });
+      listing = await api.jobs({ status: "queued", limit: 200 });
     } catch {
       return;
     }
