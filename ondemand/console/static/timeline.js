@@ -64,8 +64,8 @@ function drawScores(box, labels, segs) {
   const width = Math.max(240, box.clientWidth || 300);
   // eslint-disable-next-line no-new
   new window.uPlot({
-    width, height: 140, series, legend: { show: false },
+    width, height: 160, series, legend: { show: false },
     scales: { x: { time: false }, y: { range: [0, 1] } },
-    axes: [{ size: 28 }, { size: 36, values: (u, vals) => vals.map((v) => `${Math.round(v * 100)}%`) }],
+    axes: [{ size: 28, label: "seconds", labelSize: 14 }, { size: 56, values: (u, vals) => vals.map((v) => `${Math.round(v * 100)}%`) }],
   }, data, box);
 }
