@@ -36,7 +36,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,8 +158,8 @@ class EventLog:
         if isinstance(event, QUEUE_EVENTS):
             self._want_queue()
 
-    def _broadcast(self, data: bytes, clients: Iterable[Client] | None = None) -> None:
-        for client in list(self._clients if clients is None else clients):
+    def _broadcast(self, data: bytes) -> None:
+        for client in list(self._clients):
             client.push(data)
 
     def worker_frame(self) -> bytes:
@@ -219,7 +219,7 @@ class EventLog:
     def disconnect(self, client: Client) -> None:
         self._clients.discard(client)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """End every stream (on_shutdown) and refuse new ones."""
         self.closed = True
         for client in list(self._clients):
@@ -227,7 +227,7 @@ class EventLog:
 
     async def stop(self) -> None:
         self._unsubscribe()
-        await self.close()
+        self.close()
         if self._queue_task is not None:
             self._queue_task.cancel()
             await asyncio.gather(self._queue_task, return_exceptions=True)
@@ -278,7 +278,7 @@ def setup(app: web.Application, cfg: Config) -> None:
 
     async def end_streams(app: web.Application) -> None:
         if EVENTS in app:
-            await app[EVENTS].close()
+            app[EVENTS].close()
 
     app.cleanup_ctx.append(events_ctx)
     app.on_shutdown.append(end_streams)
