@@ -3,7 +3,7 @@
 // words (GET /v1/cost?since=30d).  Re-read when a worker session ends, not on a timer.
 
 import { api, explain } from "./api.js";
-import { $, debounce, h, money, replace, say, seconds, when } from "./ui.js";
+import { $, debounce, h, loadUplot, money, replace, say, seconds, when } from "./ui.js";
 
 const PHASES = [
   { key: "loading", label: "loading", color: "#e0a800" },
@@ -41,7 +41,7 @@ export class CostPanel {
     const [prewarm, cost] = await Promise.allSettled([api.prewarm(), api.cost()]);
     say(msg, [prewarm, cost].filter((r) => r.status === "rejected").map((r) => explain(r.reason)).join(" "));
     if (prewarm.status === "fulfilled") this.renderPrewarm(prewarm.value);
-    if (cost.status === "fulfilled") this.renderCost(cost.value);
+    if (cost.status === "fulfilled") await this.renderCost(cost.value);
   }
 
   renderPrewarm(doc) {
@@ -68,7 +68,7 @@ export class CostPanel {
           h("tbody", {}, rows))));
   }
 
-  renderCost(doc) {
+  async renderCost(doc) {
     const period = doc.periods[doc.periods.length - 1];
     const days = period.days;
     const chartBox = $("#cost-chart");
@@ -78,12 +78,17 @@ export class CostPanel {
     this.renderTable(days, unit);
     this.renderSummary(doc, period);
     chartBox.setAttribute("aria-label", `GPU ${unit.name} per day for the last 30 days, by phase; ${period.cold_starts.count} cold starts`);
-    if (!window.uPlot) return;
+    let uPlot;
+    try {
+      uPlot = await loadUplot();
+    } catch (e) {
+      return say($("#cost-msg"), `The chart cannot be drawn (${e.message}); the figures are below.`);
+    }
     const xs = days.map((d) => Date.parse(`${d.day}T00:00:00Z`) / 1000);
     // Stacked bars: draw the running sums, largest first, so each phase shows as its own band.
     const raw = PHASES.map((p) => days.map((d) => d.hours[p.key] * unit.f));
     const sums = raw.map((_, i) => days.map((_, j) => raw.slice(0, i + 1).reduce((a, r) => a + r[j], 0)));
-    const bars = window.uPlot.paths.bars({ size: [0.75, 40] });
+    const bars = uPlot.paths.bars({ size: [0.75, 40] });
     const series = [{ label: "day", value: (u, v) => (v == null ? "–" : new Date(v * 1000).toISOString().slice(0, 10)) }];
     const data = [xs];
     for (let i = PHASES.length - 1; i >= 0; i--) {
@@ -105,7 +110,7 @@ export class CostPanel {
     };
     if (this.plot) this.plot.destroy();
     chartBox.replaceChildren();
-    this.plot = new window.uPlot(opts, data, chartBox);
+    this.plot = new uPlot(opts, data, chartBox);
   }
 
   renderTable(days, unit) {

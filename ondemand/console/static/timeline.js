@@ -2,7 +2,7 @@
 // segment-level analysis of long recordings) is drawn segment by segment, with the scores as
 // lines; a plain result is one segment: the whole clip.
 
-import { emotionColor, h, pct, splitLabel } from "./ui.js";
+import { emotionColor, h, loadUplot, pct, splitLabel } from "./ui.js";
 
 export function segmentsOf(result) {
   const segs = Array.isArray(result.segments) && result.segments.length ? result.segments : null;
@@ -41,10 +41,10 @@ export function timeline(result) {
     strip,
     h("div", { class: "axis" }, h("span", {}, "0 s"), h("span", {}, `${end.toFixed(1)} s`)),
   );
-  if (segs.length > 1 && window.uPlot) {
+  if (segs.length > 1) {
     const box = h("div", { class: "chart small" });
     fig.append(box);
-    requestAnimationFrame(() => drawScores(box, labels, segs));
+    loadUplot().then((uPlot) => requestAnimationFrame(() => drawScores(uPlot, box, labels, segs)), () => box.remove());
   }
   fig.append(h("figcaption", {}, segs.length > 1
     ? `${segs.length} segments; the band shows each segment's most likely emotion.`
@@ -52,7 +52,7 @@ export function timeline(result) {
   return fig;
 }
 
-function drawScores(box, labels, segs) {
+function drawScores(uPlot, box, labels, segs) {
   const xs = segs.map((s) => (s.start_s + s.end_s) / 2);
   const series = [{ label: "time (s)" }];
   const data = [xs];
@@ -63,7 +63,7 @@ function drawScores(box, labels, segs) {
   });
   const width = Math.max(240, box.clientWidth || 300);
   // eslint-disable-next-line no-new
-  new window.uPlot({
+  new uPlot({
     width, height: 160, series, legend: { show: false },
     scales: { x: { time: false }, y: { range: [0, 1] } },
     axes: [{ size: 28, label: "seconds", labelSize: 14 }, { size: 56, values: (u, vals) => vals.map((v) => `${Math.round(v * 100)}%`) }],

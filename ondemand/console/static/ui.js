@@ -106,6 +106,19 @@ export function emotionColor(id, index = 0) {
   return COLORS[id] || SPARE[index % SPARE.length];
 }
 
+// -- the chart library, loaded when the first chart is drawn (off the path to interactive) ----
+let uplot = null;
+export function loadUplot() {
+  if (!uplot) {
+    uplot = new Promise((resolve, reject) => {
+      const src = new URL("./vendor/uplot-1.6.32.min.js", import.meta.url).href;
+      const script = h("script", { src, onload: () => resolve(window.uPlot), onerror: () => reject(new Error(`cannot load ${src}`)) });
+      document.head.append(script);
+    });
+  }
+  return uplot;
+}
+
 // -- misc -----------------------------------------------------------------------------------
 export function download(blob, name) {
   const url = URL.createObjectURL(blob);
