@@ -40,9 +40,10 @@ function onEvent(name, data) {
       analyse.onJob(data);
       jobs.later();
       break;
-    case "reset": // events were missed: re-read what they would have told
+    case "reset": // events were missed (or the daemon restarted): re-read what they told
       analyse.resync();
       jobs.refresh();
+      cost.later();
       break;
     default:
   }
