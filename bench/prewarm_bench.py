@@ -1,6 +1,6 @@
 """Prewarm benchmark: how late (or early) the worker is *ready* against a rule's fire time.
 
-    .venv/bin/python bench/prewarm_bench.py [--model /work/shared/golden/emotion2vec-tiny/model]
+    .venv/bin/python bench/prewarm_bench.py [--model tests/fixtures/emotion2vec-tiny/model]
         [--fires 10] [--hold 1.5] [--floor 0.5] [--factor 1.25] [--out bench/out/prewarm.json]
     .venv/bin/python bench/prewarm_bench.py --fake-load-s 3.0   # the fake worker, no torch
 
@@ -43,7 +43,7 @@ from ondemand.daemon.supervisor import make_spawn, worker_env  # noqa: E402
 from ondemand.prewarm import api as prewarm_api  # noqa: E402
 from ondemand.prewarm.rules import build_rules, lead_s  # noqa: E402
 
-TINY = Path("/work/shared/golden/emotion2vec-tiny/model")
+TINY = ROOT / "tests" / "fixtures" / "emotion2vec-tiny" / "model"  # the golden fixture
 
 
 def base_config(args: argparse.Namespace, storage: Path) -> config_mod.Config:

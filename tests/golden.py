@@ -1,4 +1,6 @@
-"""Access to the read-only golden fixture in ../shared (tests read it in place)."""
+"""The golden fixture: a tiny emotion2vec+ model, five clips and the reference (FunASR) outputs
+for them, kept in the project at tests/fixtures/emotion2vec-tiny (see tests/fixtures/README.md).
+The one place that knows the path; tests read the files in place and never write them."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2] / "shared" / "golden" / "emotion2vec-tiny"
+ROOT = Path(__file__).resolve().parent / "fixtures" / "emotion2vec-tiny"
+SUMS = ROOT.with_name(ROOT.name + ".sha256")  # sha256sum format, one line per file
 MODEL = ROOT / "model"
 AUDIO = ROOT / "audio"
 

@@ -20,15 +20,11 @@ import pytest
 from ondemand import config as config_mod
 from ondemand.console import routes as console
 from ondemand.daemon.events_api import Client
-from tests.conftest import Daemon, daemon_config, fake_env, wait_for, wav_bytes
+from tests.conftest import Daemon, daemon_config, fake_env, run, wait_for, wav_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "console-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 # -- the page and its files --------------------------------------------------------------------

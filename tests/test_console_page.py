@@ -102,7 +102,6 @@ def open_page(browser: Browser) -> Iterator[Callable[..., Watched]]:
         ctx.close()
 
 
-@pytest.mark.skipif(not golden.MODEL.is_dir(), reason="golden tiny model not available (../shared)")
 def test_golden_clip_shows_the_api_numbers_and_talks_to_no_other_host(
     tmp_path: Path, open_page: Callable[..., Watched]
 ) -> None:

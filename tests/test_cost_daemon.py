@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ondemand.daemon.events import StateChanged
+from ondemand.daemon.events import StateChanged, WorkerActivity
 from tests import golden
 from tests.conftest import Daemon, daemon_config, fake_env, wait_for, wav_bytes
 
@@ -37,7 +37,6 @@ def times(d: Daemon) -> dict[str, list[float]]:
 
 
 async def get_json(d: Daemon, path: str, **params: str) -> Any:
-    assert d.http is not None
     async with d.http.get(path, params=params) as r:
         assert r.status == 200, await r.text()
         return await r.json()
@@ -50,30 +49,35 @@ def test_cold_start_idle_ladder_cost_and_metrics(tmp_path: Path) -> None:
         cost={"gpu_hour_usd": RATE, "sample_interval_s": 0.05, "baseline_interval_s": 0},
     )
 
-    async def main() -> tuple[dict[str, list[float]], Any, str]:
+    async def main() -> tuple[dict[str, list[float]], dict[int, list[float]], Any, str]:
         async with Daemon(cfg, env=fake_env(load_s="0.3")) as d:
-            assert d.http is not None
             job = await d.final((await d.submit(wav_bytes(1.0), key="a"))["id"])
             assert job["status"] == "done"
             # Scrape and health-check hard while the idle ladder runs: the worker must still
             # unload and exit on time (scrapes and health checks are not activity).
-            while d.sup.state.value != "cold":
+            async def scraped_until_cold() -> bool:
                 async with d.http.get("/metrics") as r:
                     assert r.status == 200
                     assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 async with d.http.get("/healthz") as r:
                     assert r.status == 200
-                await asyncio.sleep(0.01)
+                return d.sup.state.value == "cold"
+
+            await wait_for(scraped_until_cold, 20, "the worker back to zero under scrapes")
             t = times(d)
+            activity: dict[int, list[float]] = {}  # in-flight count -> times it was reached
+            for e in d.events:
+                if isinstance(e, WorkerActivity):
+                    activity.setdefault(e.inflight, []).append(e.time)
             doc = await get_json(d, "/v1/cost", since="1h")
             async with d.http.get("/metrics") as r:
                 text = await r.text()
             async with d.http.get("/v1/cost", params={"since": "yesterday-ish"}) as r:
                 assert r.status == 400
                 assert "duration" in (await r.json())["error"]["message"]
-        return t, doc, text
+        return t, activity, doc, text
 
-    t, doc, text = asyncio.run(main())
+    t, activity, doc, text = asyncio.run(main())
     (p,) = doc["periods"]
     hours = p["hours"]
     # The ledger's seconds are the supervisor's transition times, exactly.
@@ -86,7 +90,13 @@ def test_cold_start_idle_ladder_cost_and_metrics(tmp_path: Path) -> None:
     assert hours["loading"] * 3600 == pytest.approx(loading, abs=1e-6)
     assert hours["unloaded_alive"] * 3600 == pytest.approx(unloaded, abs=1e-6)
     assert loading >= 0.3  # the fake load time
-    assert 0.4 <= p["idle_warm_hours"]["idle_timeout"] * 3600 < 0.4 + 0.5
+    # Idle-warm, exactly: ready until the job's batch began, and the job's end to the unload,
+    # which came no sooner than unload_after_s after it.
+    (busy_from,), (idle_from,) = activity[1], activity[0]
+    idle_tail = t["unloading"][0] - idle_from
+    assert p["idle_warm_hours"]["idle_timeout"] * 3600 == pytest.approx(
+        busy_from - t["ready"][0] + idle_tail, abs=1e-6)
+    assert idle_tail >= 0.4 - 2e-3  # (1 ms: the supervisor's timer tolerance; wall vs monotonic)
     assert p["idle_warm_hours"]["idle_timeout"] == p["idle_warm_hours"]["total"]
     assert hours["ready_busy"] > 0
     assert p["cold_starts"]["by_trigger"]["job"]["count"] == 1

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import fake_env, wav_bytes
-from tests.test_daemon_durability import start_serve, write_config
+from tests.conftest import fake_env, serve_config, start_serve, wav_bytes
 
 
 def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
@@ -20,7 +19,7 @@ def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_submit_status_load_unload(tmp_path: Path) -> None:
-    proc, url = start_serve(write_config(tmp_path), fake_env())
+    proc, url = start_serve(serve_config(tmp_path), fake_env())
     try:
         files = []
         for i in range(3):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ondemand import config as config_mod
+from ondemand.durations import parse_duration
 from ondemand.errors import ConfigError
-from ondemand.prewarm.rules import parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"server": config_mod.ServerConfig, "model": config_mod.ModelConfig,

@@ -26,7 +26,6 @@ def test_real_worker_matches_golden_scores(tmp_path: Path) -> None:
         )
         async with Daemon(cfg, worker_cmd=[sys.executable, "-m", "ondemand.worker"],
                           env=fake_env()) as d:
-            assert d.http is not None
             ids: dict[str, str] = {}
             for name in golden.clip_names():
                 form = aiohttp.FormData()
@@ -50,15 +49,15 @@ def test_real_worker_matches_golden_scores(tmp_path: Path) -> None:
                 np.testing.assert_allclose(emb, golden.expected_feats(exp["key"], "utterance"),
                                            atol=1e-4)
             st = d.sup.status()
-            assert st["device"] == "cpu" and st["last_load_s"] > 0
+            assert st.device == "cpu" and st.last_load_s is not None and st.last_load_s > 0
             # the real worker drops the model and reloads in the same process
-            pid = st["pid"]
+            pid = st.pid
             await d.wait_state("unloaded", timeout=10)
             async with d.http.post("/v1/recognize", params={"granularity": "frame"},
                                    data=(golden.AUDIO / "short_16k.wav").read_bytes(),
                                    headers={"Content-Type": "audio/wav"}) as r:
                 job = await r.json()
-            assert job["status"] == "done" and d.sup.status()["pid"] == pid
+            assert job["status"] == "done" and d.sup.status().pid == pid
             exp = golden.expected()["clips"]["short_16k.wav"]
             np.testing.assert_allclose(job["result"]["scores"], exp["scores"], atol=1e-5)
 

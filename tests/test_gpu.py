@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from ondemand import gpu
 from ondemand.cost.ledger import Phase
 from ondemand.cost.sampler import Reading, Sampler
 from ondemand.gpu import GpuSample, NvmlProbe, PsutilProbe, gpu_index, open_probe
+from tests.conftest import run_virtual
 
 
 def nvml_works() -> bool:
@@ -219,19 +219,17 @@ def test_sampler_timer_only_while_alive_plus_baseline() -> None:
         s.start(Phase.EXITED, (), 0)
         assert len(got) == 1  # the first baseline, no timer (baseline_interval_s = 0)
         s.retarget(Phase.READY_IDLE, (1,), 0)
-        deadline = time.monotonic() + 5
-        while len(got) < 5 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(got) >= 5 and all(r.phase is Phase.READY_IDLE for r in got[1:5])
+        await asyncio.sleep(0.11)  # virtual time: exactly five 0.02 s intervals
+        assert len(got) == 1 + 5 and all(r.phase is Phase.READY_IDLE for r in got[1:])
         s.flush()
         s.retarget(Phase.EXITED, (), 0)
         n = len(got)
         assert got[-1].phase is Phase.EXITED and got[-1].sample.pids == ()  # the baseline
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # fifty intervals
         assert len(got) == n  # no sampling while nothing of ours is alive
         s.stop()
 
-    asyncio.run(main())
+    run_virtual(main())
 
 
 def test_sampler_survives_probe_errors(caplog: pytest.LogCaptureFixture) -> None:
@@ -251,15 +249,10 @@ def test_sampler_survives_probe_errors(caplog: pytest.LogCaptureFixture) -> None
         got: list[Reading] = []
         s = Sampler(probe, got.append, interval_s=0.01, baseline_interval_s=0)
         s.start(Phase.READY_BUSY, (1,), 0)
-        deadline = time.monotonic() + 5
-        while len(got) < 3 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.055)  # virtual time: five 0.01 s intervals; the first one fails
         s.stop()
-        assert len(got) >= 3
+        assert len(got) == 1 + 5 - 1
 
-    asyncio.run(main())
+    run_virtual(main())
     assert "sample failed" in caplog.text
 
-
-def test_module_has_no_torch() -> None:
-    assert "torch" not in gpu.__dict__

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import tomllib
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,24 +17,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ondemand import config as config_mod
+from ondemand.durations import parse_duration
 from ondemand.errors import ConfigError
 from ondemand.prewarm.rules import (
     PrewarmRule,
-    fires,
     lead_s,
     local_zone,
     next_fire,
-    parse_duration,
     percentile,
     prev_fire,
     wall_to_instant,
     window_end,
 )
 from ondemand.prewarm.scheduler import PrewarmScheduler
+from tests.conftest import run_virtual, wait_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
+
 NEW_YORK = ZoneInfo("America/New_York")
 TOKYO = ZoneInfo("Asia/Tokyo")
+
+
+def fires(
+    rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC
+) -> Iterator[datetime]:
+    """Every fire instant in (start, end] (test helper over next_fire)."""
+    t = next_fire(rule, start, local)
+    while t <= end:
+        yield t
+        t = next_fire(rule, t, local)
 
 
 def rule(cron: str, tz: ZoneInfo | None = None, hold: str = "1h", **kw: Any) -> PrewarmRule:
@@ -293,20 +304,16 @@ class Holds:
             raise RuntimeError("the model failed to load")
 
 
+FIRE = datetime(2026, 6, 10, 12, 0, tzinfo=UTC)  # an ordinary minute: no DST change anywhere
+
+
 def shifted_clock(seconds_to_minute: float) -> Any:
-    """A wall clock running at real speed, shifted so the next whole minute (a cron fire) is
-    `seconds_to_minute` away.  Returns (clock, fire)."""
-    real = datetime.now(UTC)
-    fire = real.replace(second=0, microsecond=0) + timedelta(minutes=2)
-    offset = fire - timedelta(seconds=seconds_to_minute) - real
-    return (lambda: datetime.now(UTC) + offset), fire
-
-
-async def until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+    """A wall clock on the running loop's time (virtual under run_virtual: exact whatever the
+    machine's load) on which the next whole minute, a cron fire, is `seconds_to_minute` away.
+    Returns (clock, fire)."""
+    loop = asyncio.get_running_loop()
+    start, t0 = FIRE - timedelta(seconds=seconds_to_minute), loop.time()
+    return (lambda: start + timedelta(seconds=loop.time() - t0)), FIRE
 
 
 def lead_cfg(**kw: Any) -> config_mod.PrewarmLeadConfig:
@@ -323,23 +330,22 @@ def test_scheduler_starts_early_by_the_lead_and_is_ready_by_the_fire() -> None:
         assert sched.lead_s() == pytest.approx(0.5)
         sched.start()
         try:
-            await until(lambda: sched.fired and sched.fired[0].ready is not None)
+            await wait_for(lambda: bool(sched.fired) and sched.fired[0].ready is not None)
         finally:
             await sched.close()
         at, hold_until, trigger, name = holds.calls[0]
         assert (trigger, name, hold_until) == ("schedule", "m", fire + timedelta(seconds=30))
-        started = (at - fire).total_seconds()
-        assert -0.5 - 0.01 <= started <= -0.5 + 0.15, started  # at fire - lead
-        lateness = sched.fired[0].lateness_s
-        assert lateness is not None and -0.5 <= lateness <= 0, lateness  # ready by the fire
+        assert (at - fire).total_seconds() == pytest.approx(-0.5, abs=1e-6)  # fire - lead
+        # the (fake) load takes 0.4 s: ready 0.1 s before the fire
+        assert sched.fired[0].lateness_s == pytest.approx(-0.1, abs=1e-6)
         snap = sched.snapshot()
         assert snap["lead"]["source"] == "measured" and snap["lead"]["seconds"] == 0.5
         r = snap["rules"][0]
         assert r["next_fire"]["utc"] == (fire + timedelta(minutes=1)).isoformat()
-        assert r["last"]["lateness_s"] <= 0
+        assert r["last"]["lateness_s"] == -0.1
         assert r["in_window_until"] is None  # ready before the window opens
 
-    asyncio.run(main())
+    run_virtual(main())
 
 
 def test_scheduler_uses_the_floor_and_a_new_load_moves_the_start() -> None:
@@ -351,15 +357,15 @@ def test_scheduler_uses_the_floor_and_a_new_load_moves_the_start() -> None:
         assert sched.lead_s() == 0.2 and sched.snapshot()["lead"]["source"] == "floor"
         sched.start()
         try:
-            await asyncio.sleep(0.05)
+            # planned with the floor (start at fire - 0.2 s), then a load is recorded
+            await wait_for(lambda: sched.snapshot()["rules"][0]["next_start"] is not None)
             sched.record_load(1.0)  # lead 1.25 s: the planned start moves 1.05 s earlier
-            await until(lambda: bool(holds.calls))
+            await wait_for(lambda: bool(holds.calls))
         finally:
             await sched.close()
-        started = (holds.calls[0][0] - fire).total_seconds()
-        assert -1.25 - 0.01 <= started <= -1.25 + 0.15, started
+        assert (holds.calls[0][0] - fire).total_seconds() == pytest.approx(-1.25, abs=1e-6)
 
-    asyncio.run(main())
+    run_virtual(main())
 
 
 @pytest.mark.parametrize("catch_up", [True, False])
@@ -371,10 +377,10 @@ def test_startup_inside_a_window(catch_up: bool) -> None:
                                  lead_cfg(floor_s=1), holds, clock=clock)
         sched.start()
         try:
+            # the start-up pass (where catch-up is decided) is done once a next fire is planned
+            await wait_for(lambda: sched.snapshot()["rules"][0]["next_fire"] is not None)
             if catch_up:
-                await until(lambda: bool(holds.calls))
-            else:
-                await asyncio.sleep(0.2)
+                await wait_for(lambda: bool(holds.calls))
         finally:
             await sched.close()
         if not catch_up:
@@ -384,7 +390,7 @@ def test_startup_inside_a_window(catch_up: bool) -> None:
         assert holds.calls[0][1:] == (prev + timedelta(seconds=30), "schedule", "w")
         assert sched.fired[0].catch_up and sched.fired[0].fire == prev
 
-    asyncio.run(main())
+    run_virtual(main())
 
 
 def test_a_failed_prewarm_is_recorded_and_the_schedule_goes_on() -> None:
@@ -395,14 +401,14 @@ def test_a_failed_prewarm_is_recorded_and_the_schedule_goes_on() -> None:
                                  lead_cfg(floor_s=0.1), holds, clock=clock)
         sched.start()
         try:
-            await until(lambda: sched.fired and sched.fired[0].error is not None)
+            await wait_for(lambda: bool(sched.fired) and sched.fired[0].error is not None)
             snap = sched.snapshot()
         finally:
             await sched.close()
         assert "failed to load" in snap["rules"][0]["last"]["error"]
         assert snap["rules"][0]["next_fire"]["utc"] == (fire + timedelta(minutes=1)).isoformat()
 
-    asyncio.run(main())
+    run_virtual(main())
 
 
 def test_config_toml_documents_prewarm() -> None:
@@ -436,10 +442,10 @@ def test_a_clock_jump_past_a_window_is_missed_and_caught_up() -> None:
                                  holds, clock=clock, recheck_s=0.05)
         sched.start()
         try:
-            await until(lambda: sched.snapshot()["rules"][0]["next_fire"] is not None)
+            await wait_for(lambda: sched.snapshot()["rules"][0]["next_fire"] is not None)
             assert holds.calls == []
             jump = timedelta(seconds=30 + 61)  # 1 s into the window of the fire after `fire`
-            await until(lambda: bool(holds.calls))
+            await wait_for(lambda: bool(holds.calls))
             snap = sched.snapshot()
         finally:
             await sched.close()
@@ -448,4 +454,4 @@ def test_a_clock_jump_past_a_window_is_missed_and_caught_up() -> None:
         assert [(r.fire, r.catch_up) for r in sched.fired] == [(nxt, True)]
         assert snap["rules"][0]["next_fire"]["utc"] == (nxt + timedelta(minutes=1)).isoformat()
 
-    asyncio.run(main())
+    run_virtual(main())

@@ -4,7 +4,6 @@ without tracebacks or server paths, unguessable job ids, no endpoint that reads 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import re
@@ -19,18 +18,15 @@ import pytest
 import ondemand
 from ondemand.console import routes as console
 from ondemand.daemon import app as app_mod
+from ondemand.daemon import auth as auth_mod
 from ondemand.daemon.app import check_bind
 from ondemand.errors import ConfigError
-from tests.conftest import Daemon, daemon_config, fake_env, wav_bytes
+from tests.conftest import Daemon, daemon_config, fake_env, run, wav_bytes
 
 TOKEN = "s3cret-token-for-tests_0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PKG_DIR = str(Path(ondemand.__file__).resolve().parent)
 URLSAFE = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
 
 
 def routes(d: Daemon) -> list[tuple[str, str]]:
@@ -60,7 +56,6 @@ def test_every_endpoint_but_healthz_needs_the_token(tmp_path: Path) -> None:
     async def main() -> None:
         cfg = daemon_config(tmp_path, server={"token": TOKEN})
         async with Daemon(cfg) as d:
-            assert d.http is not None
             table = routes(d)
             assert ("GET", "/healthz") in table and ("POST", "/v1/jobs") in table
             bad_headers: list[dict[str, str]] = [
@@ -100,7 +95,6 @@ def test_token_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:
-            assert d.http is not None
             async with d.http.get("/v1/status") as r:
                 assert r.status == 401
             async with d.http.get("/v1/status", headers=AUTH) as r:
@@ -118,11 +112,10 @@ def test_token_is_compared_in_constant_time(tmp_path: Path,
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(app_mod.hmac, "compare_digest", spy)
+    monkeypatch.setattr(auth_mod.hmac, "compare_digest", spy)
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path, server={"token": TOKEN})) as d:
-            assert d.http is not None
             for headers in ({}, {"Authorization": "Bearer x"}, AUTH):
                 async with d.http.get("/v1/status", headers=headers) as r:
                     assert r.status in (200, 401)
@@ -166,7 +159,6 @@ def test_errors_carry_no_traceback_or_path(tmp_path: Path) -> None:
     async def main() -> None:
         cfg = daemon_config(tmp_path, server={"max_upload_mb": 0.05})
         async with Daemon(cfg) as d:
-            assert d.http is not None
             cases: list[tuple[str, str, dict[str, Any]]] = [
                 ("GET", "/nope", {}),
                 ("GET", "/v1/jobs/doesnotexist", {}),
@@ -225,7 +217,6 @@ def test_no_endpoint_reads_a_server_side_path(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:
-            assert d.http is not None
             p = str(secret)
             attempts: list[dict[str, Any]] = [
                 {"data": p.encode(), "headers": {"Content-Type": "audio/wav"}},

@@ -9,16 +9,18 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from ondemand import config as config_mod
+from ondemand.daemon import api
+from ondemand.daemon.events import EventBus
 from ondemand.daemon.sdnotify import Notifier
-from tests.conftest import fake_env, wav_bytes
-from tests.test_reliability import _config, _serve
+from ondemand.daemon.service import REFRESH_S, ServiceNotifier
+from tests.conftest import fake_env, serve_config, start_serve, wav_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = sorted(p for p in (ROOT / "systemd").iterdir()
@@ -163,6 +165,15 @@ def test_notifier_sends_datagrams(tmp_path: Path, abstract: bool) -> None:
     assert Notifier({**env, "WATCHDOG_PID": "1"}).watchdog_s is None  # not meant for us
 
 
+def test_watchdog_period_is_half_the_interval() -> None:
+    app = web.Application()
+    app[api.BUS] = EventBus()
+    env = {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000000"}
+    assert ServiceNotifier(app, Notifier(env)).period_s == 0.5
+    env["WATCHDOG_USEC"] = str(3600 * 10**6)
+    assert ServiceNotifier(app, Notifier(env)).period_s == REFRESH_S  # STATUS still refreshes
+
+
 def test_serve_notifies_systemd(tmp_path: Path) -> None:
     """`ondemand serve` as systemd runs it: STATUS then READY=1 once listening, STATUS on state
     changes, watchdog pings at half the interval, STOPPING=1 on SIGTERM, exit 0."""
@@ -173,7 +184,7 @@ def test_serve_notifies_systemd(tmp_path: Path) -> None:
     sock.bind(str(path))
     sock.settimeout(10)
     env = {**fake_env(), "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
-    proc, url = _serve(_config(tmp_path), env)
+    proc, url = start_serve(serve_config(tmp_path), env)
     got: list[str] = []
 
     def until(pred: str, timeout: float = 10.0) -> None:
@@ -189,11 +200,10 @@ def test_serve_notifies_systemd(tmp_path: Path) -> None:
                                      headers={"Content-Type": "audio/wav"})
         urllib.request.urlopen(req, timeout=10).read()
         until("STATUS=worker ready, 0 queued, 0 running")
-        t0 = time.monotonic()
+        # idle, the pings keep coming (at half the interval: test_watchdog_period...)
         n0 = got.count("WATCHDOG=1")
         while got.count("WATCHDOG=1") < n0 + 3:
-            got.extend(sock.recv(4096).decode().split("\n"))
-        assert time.monotonic() - t0 < 2.5  # every 0.5 s
+            got.extend(sock.recv(4096).decode().split("\n"))  # each within the 10 s timeout
         proc.send_signal(signal.SIGTERM)
         until("STOPPING=1")
         assert proc.wait(20) == 0
@@ -265,9 +275,3 @@ def test_install_refuses_without_root_when_not_staging() -> None:
         pytest.skip("running as root")
     out = sh(str(SCRIPTS / "install.sh"))
     assert out.returncode == 1 and "run as root" in out.stderr
-
-
-def test_sdnotify_module_stays_torch_free() -> None:
-    code = ("import sys, ondemand.daemon.sdnotify, ondemand.daemon.service\n"
-            "assert 'torch' not in sys.modules")
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -11,16 +11,13 @@ import io
 import json
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from ondemand import config as config_mod
 from ondemand.cost import report as cost
 from ondemand.cost.ledger import LEDGER_FILE
-from ondemand.errors import OndemandError
+from ondemand.errors import BadRequest, OndemandError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +52,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
     from ondemand.cost.api import cost_document
+    from ondemand.cost.tokens import add_tokens, read_file
 
     path = Path(cfg.storage.dir) / LEDGER_FILE
     if not path.is_file():
@@ -66,29 +64,16 @@ def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
     try:
         since = cost.parse_when(args.since, now) if args.since else None
         until = cost.parse_when(args.until, now) if args.until else None
-        return cost_document(path, cfg, since=since, until=until, probe=None, now=now)
+        doc = cost_document(path, cfg, since=since, until=until, probe=None, now=now)
     except ValueError as e:
-        raise OndemandError(str(e), code="bad_request") from e
+        raise BadRequest(str(e)) from e
+    return add_tokens(doc, read_file(Path(cfg.storage.dir)))
 
 
 def _fetch(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
-    query = {k: v for k, v in (("since", args.since), ("until", args.until)) if v}
-    url = args.url.rstrip("/") + "/v1/cost" + ("?" + urllib.parse.urlencode(query) if query else "")
-    req = urllib.request.Request(url)
-    if cfg.auth_token():
-        req.add_header("Authorization", f"Bearer {cfg.auth_token()}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            doc: dict[str, Any] = json.loads(r.read())
-            return doc
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except Exception:
-            msg = str(e)
-        raise OndemandError(f"{url}: {msg}") from e
-    except OSError as e:
-        raise OndemandError(f"cannot reach the daemon at {url}: {e}") from e
+    from ondemand.sdk import Client
+
+    return Client(args.url, token=cfg.auth_token()).cost(since=args.since, until=args.until).raw
 
 
 # -- rendering -------------------------------------------------------------------------------

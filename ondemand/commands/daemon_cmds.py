@@ -1,6 +1,7 @@
 """`ondemand serve` (the daemon) and its clients: `submit`, `status`, `load`, `unload`.
 
-Nothing here imports torch: the daemon's worker is a separate interpreter."""
+The clients are the typed `ondemand.sdk.Client` (docs/client.md).  Nothing here imports torch:
+the daemon's worker is a separate interpreter."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ondemand import config as config_mod
-from ondemand.errors import OndemandError
+from ondemand.errors import DaemonUnreachable, OndemandError, RemoteError
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings-dir", type=Path,
                    help="also fetch embeddings into DIR/{key}.npy (implies --wait)")
     p.add_argument("--parallel", type=int, default=8, help="concurrent uploads (default 8)")
+    p.add_argument("--callback-url", help="the daemon POSTs each job's final document here "
+                                          "(docs/webhooks.md)")
     _client_args(p)
     p.set_defaults(func=cmd_submit)
 
@@ -62,19 +65,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start-up refusals (bad config, storage.dir unusable or held by another daemon, damaged
+    job database, port in use) are OndemandErrors: one line and exit 2 from cli.main."""
     import asyncio
+    import signal
 
+    # Until serve() has its handlers, SIGINT/SIGTERM wait (blocked) rather than interrupt an
+    # import with a KeyboardInterrupt traceback or kill a half-opened daemon; serve() unblocks
+    # them and a pending one then stops the daemon in order (issue 10).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     from ondemand.daemon.app import serve
 
     cfg = _config(args)
     if args.model:
         cfg = config_mod.with_model(cfg, args.model)
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))  # 1 when an owner task failed (daemon/guard.py)
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from ondemand.client import Client, default_url
+    """The typed client (ondemand.sdk.Client) for --url / ONDEMAND_URL / the config's address,
+    with ONDEMAND_TOKEN, else the config's server.token."""
+    from ondemand.client import default_url
+    from ondemand.sdk import Client
 
     cfg = _config(args)
     return Client(args.url or default_url(cfg), token=cfg.auth_token())
@@ -88,8 +100,6 @@ def _print(obj: Any) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ondemand.client import ClientError
-
     client = _client(args)
     wait = args.wait or args.embeddings_dir is not None
     if args.embeddings_dir is not None:
@@ -99,21 +109,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
         key = Path(name).stem
         try:
             accepted = client.submit(Path(name), granularity=args.granularity,
-                                     embedding=args.embeddings_dir is not None, key=key)
+                                     embedding=args.embeddings_dir is not None, key=key,
+                                     callback_url=args.callback_url)
             if not wait:
-                return {"file": name, "key": key, **accepted}
-            job = client.wait(accepted["id"])
-            if job["status"] != "done":
-                return {"key": key, "file": name, "id": job["id"],
-                        "error": job.get("error") or {"code": job["status"], "message": ""}}
+                return {"file": name, "key": key, **accepted.raw}
+            job = client.wait(accepted.id)
+            if job.status != "done":
+                return {"key": key, "file": name, "id": job.id,
+                        "error": job.raw.get("error") or {"code": job.status, "message": ""}}
             if args.embeddings_dir is not None:
-                data = client.embedding(job["id"])
+                data = client.embedding_bytes(job.id)
                 (args.embeddings_dir / f"{key}.npy").write_bytes(data)
-            return dict(job["result"])
-        except ClientError as e:
-            if e.code == "unreachable":
-                raise
-            return {"key": key, "file": name, "error": {"code": e.code, "message": e.message}}
+            return dict(job.raw["result"])
+        except DaemonUnreachable:
+            raise
+        except OndemandError as e:  # an error answer: the API's class (RemoteError: unknown)
+            code = e.remote_code if isinstance(e, RemoteError) else e.code
+            return {"key": key, "file": name, "error": {"code": code, "message": e.message}}
         except OSError as e:
             return {"key": key, "file": name,
                     "error": {"code": "unreadable", "message": f"cannot read {name}: {e.strerror}"}}
@@ -136,21 +148,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _print(_client(args).status())
+    _print(_client(args).status().raw)
     return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from ondemand.prewarm.rules import parse_duration
+    from ondemand.durations import parse_duration
 
     try:
         hold = parse_duration(args.hold) if args.hold else 0.0
     except ValueError as e:
         raise OndemandError(f"--hold: {e}") from None
-    _print(_client(args).load(hold_s=hold, wait=not args.no_wait))
+    _print(_client(args).load(hold_s=hold, wait=not args.no_wait).raw)
     return 0
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    _print(_client(args).unload(exit=args.exit))
+    _print(_client(args).unload(exit=args.exit).raw)
     return 0

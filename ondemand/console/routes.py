@@ -27,9 +27,10 @@ from pathlib import Path
 from aiohttp import web
 
 from ondemand.config import Config
+from ondemand.daemon import auth
 
 STATIC = Path(__file__).with_name("static")
-ASSET_PREFIX = "/console/"
+ASSET_PREFIX = auth.STATIC_PREFIX  # "/console/"
 INDEX = "index.html"
 ASSETS_MARK = "%ASSETS%"  # in index.html: replaced by /console/<version>
 IMMUTABLE = "public, max-age=31536000, immutable"

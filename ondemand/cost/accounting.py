@@ -100,6 +100,7 @@ class Accounting:
         self._pid: int | None = None
         self._gpu = gpu_index(worker.device)
         self._unsubscribe: list[Callable[[], None]] = []
+        self._ledger_failing = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, bus: EventBus) -> None:
@@ -143,18 +144,6 @@ class Accounting:
             log.error("cost ledger: final write failed (%s); the interval closes on restart", e)
         finally:
             self.sampler.stop()
-
-    # -- the cost document (GET /v1/cost, `ondemand cost`) --------------------------------
-    def document(self, since: float | None = None, until: float | None = None) -> dict[str, Any]:
-        return cost.document(
-            self.ledger.intervals,
-            self._clock(),
-            self.cfg,
-            self.worker,
-            since=since,
-            until=until,
-            probe=self.probe_info(),
-        )
 
     def probe_info(self) -> dict[str, Any]:
         return {
@@ -211,8 +200,8 @@ class Accounting:
             hold_until,
         )
         if changed:
-            self.sampler.flush()
-        self.ledger.record(
+            self.sampler.flush()  # its sink survives a failing ledger (_on_reading)
+        self._write(lambda: self.ledger.record(
             phase,
             at=at,
             trigger=self._trigger if phase.alive else None,
@@ -221,7 +210,7 @@ class Accounting:
             gpu=self._gpu,
             pid=self._pid if phase.alive else None,
             reason=reason,
-        )
+        ))
         pids = (self._pid,) if self._pid is not None and phase.alive else ()
         self.sampler.retarget(phase, pids, self._gpu)
         self.metrics.phase(phase, at)
@@ -237,12 +226,28 @@ class Accounting:
 
     def _on_reading(self, r: Reading) -> None:
         s = r.sample
-        self.ledger.add_sample(
+        self._write(lambda: self.ledger.add_sample(
             r.at,
             energy_j=r.energy_j,
             power_s=r.power_s,
             gpu_mem=s.pids_gpu_memory_bytes if s.pids else None,
             rss=s.rss_bytes,
             cpu_s=r.cpu_s,
-        )
+        ))
         self.metrics.reading(r)
+
+    def _write(self, write: Callable[[], object]) -> None:
+        """A ledger write that a full disk (or an I/O error) must not turn into an exception in
+        the supervisor's event or the sampler's timer (issue 10): the interval stays open in
+        memory and the next write closes it; one warning per failing streak."""
+        try:
+            write()
+        except sqlite3.Error as e:
+            if not self._ledger_failing:
+                log.warning("cost ledger: write failed (%s); cost figures miss what happens "
+                            "until writes work again (logged once)", e)
+            self._ledger_failing = True
+            return
+        if self._ledger_failing:
+            log.info("cost ledger: writes work again")
+            self._ledger_failing = False

@@ -1,9 +1,10 @@
 """Cost accounting in the daemon: its cleanup context, `GET /v1/cost` and `GET /metrics`.
 
-`setup(app, cfg, gpu=...)` (called by `build_app`) puts the accounting context FIRST in
-`cleanup_ctx`: it opens the GPU probe (shared with the supervisor through `app[GPU]`) and the
+`context(cfg, gpu=...)` is the accounting component; `build_app` lists it FIRST among the app's
+components: it opens the GPU probe (shared with the supervisor through `app[GPU]`) and the
 ledger before the supervisor starts, and closes them after the supervisor has stopped the worker,
-so the shutdown's stopping -> cold transitions are still recorded.
+so the shutdown's stopping -> cold transitions are still recorded.  `add_routes(app)` adds the
+two routes.
 
 Neither handler touches the supervisor: a scrape or a cost report is never activity (no lease,
 no idle-timer reset), like the health checks.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,24 @@ from ondemand.cost import report as cost
 from ondemand.cost.accounting import Accounting
 from ondemand.cost.ledger import Ledger, connect, read_intervals
 from ondemand.cost.metrics import CONTENT_TYPE
+from ondemand.cost.tokens import TokenMetrics, add_tokens
 from ondemand.daemon import api
-from ondemand.daemon.http import BadRequest
+from ondemand.daemon.http import json_response
 from ondemand.daemon.store import QUEUED
+from ondemand.errors import BadRequest
 from ondemand.gpu import GpuProbe, open_probe
 
 GPU: web.AppKey[Any] = web.AppKey("gpu_probe")
+TOKEN_METRICS = web.AppKey("token_metrics", TokenMetrics)
 ACCOUNTING = web.AppKey("accounting", Accounting)
 
 
-def setup(app: web.Application, cfg: Config, *, gpu: GpuProbe | None = None) -> None:
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def context(cfg: Config, *, gpu: GpuProbe | None = None) -> CleanupCtx:
+    """The accounting component (GPU probe, ledger, sampler, metrics) as a cleanup context."""
+
     async def cost_ctx(app: web.Application) -> AsyncIterator[None]:
         probe = gpu if gpu is not None else open_probe(cfg.cost.probe)
         app[GPU] = probe
@@ -49,9 +58,13 @@ def setup(app: web.Application, cfg: Config, *, gpu: GpuProbe | None = None) -> 
             if gpu is None:
                 probe.close()
 
-    app.cleanup_ctx.insert(0, cost_ctx)  # up before the supervisor, down after it
+    return cost_ctx
+
+
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/cost", get_cost)
     app.router.add_get("/metrics", get_metrics)
+    app[TOKEN_METRICS] = TokenMetrics()
 
 
 def cost_document(
@@ -107,11 +120,17 @@ async def get_cost(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise BadRequest(str(e)) from e
-    return web.json_response(doc)
+    store = request.app[api.STORE]
+    spans = [(cost.parse_when(p["since"], now), cost.parse_when(p["until"], now))
+             for p in doc["periods"]]
+    found = {span: await store.usage(*span) for span in spans}
+    return json_response(add_tokens(doc, lambda lo, hi: found[(lo, hi)]))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
     """`GET /metrics`: Prometheus text format from the daemon's own registry."""
     acc = request.app[ACCOUNTING]
-    acc.metrics.jobs_queued.set((await request.app[api.STORE].counts()).get(QUEUED, 0))
-    return web.Response(body=acc.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+    store = request.app[api.STORE]
+    acc.metrics.jobs_queued.set((await store.counts()).get(QUEUED, 0))
+    body = acc.metrics.exposition() + request.app[TOKEN_METRICS].exposition(await store.usage())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -17,12 +17,24 @@ interval: the report counts it as not covered, neither on-demand nor always-on. 
 most one sampling interval (`cost.sample_interval_s` while a worker is alive).
 
 The ledger is the only writer of its tables (`cost_*`); it is called from the event loop thread.
+Only the daemon holding storage.dir's lock opens it for writing (daemon/lock.py): the restart
+rule above assumes no other daemon is recording (issue 10: a second daemon closed the first
+one's open interval).
+
+A damaged ledger at open (empty, garbage, truncated, failing `PRAGMA quick_check`:
+ondemand/dbcheck.py) is renamed aside (`cost.sqlite3.<what>-<time>`, such as
+`cost.sqlite3.corrupt-20250101-120000`, its `-wal` with it) and a new ledger starts, with one
+warning: cost history is not job data, and refusing to serve jobs over it would be the worse
+outage.  Nothing is deleted; the old file can still be read.  A SQLite file that is not our
+ledger (another program's, or a newer ondemand's) is not ours to move: start-up is refused with
+the `mv` that would do it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -31,10 +43,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from ondemand import dbcheck
+from ondemand.dbcheck import Damage
+from ondemand.errors import StorageError
+
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "cost.sqlite3"
 _SCHEMA_VERSION = "1"
+APP_ID = 0x6F6E6374  # PRAGMA application_id: "onct", an ondemand cost ledger
 
 
 class Phase(StrEnum):
@@ -146,6 +163,71 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def _create(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA application_id = {APP_ID}")
+    conn.execute(f"PRAGMA user_version = {int(_SCHEMA_VERSION)}")
+    conn.executescript(_SCHEMA)
+    conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _check(path: Path) -> None:
+    """Raise Damage unless `path` is a healthy ledger of ours."""
+    dbcheck.check_file(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        dbcheck.check_open(conn, app_id=APP_ID, version=int(_SCHEMA_VERSION),
+                           table="cost_intervals", columns=set(_COLUMNS), what="cost ledger")
+    except sqlite3.DatabaseError as e:
+        damage = dbcheck.damage_from(e)
+        if damage is None:
+            raise
+        raise damage from e
+    finally:
+        conn.close()
+
+
+def open_for_writing(path: Path) -> sqlite3.Connection:
+    """The daemon's connection to its ledger: created whole when absent; a damaged one moved
+    aside with a warning; a foreign or newer one, or one that cannot be opened, refused
+    (StorageError)."""
+    try:
+        return _open_for_writing(path)
+    except (OSError, sqlite3.Error) as e:  # busy, locked, no permission, I/O: not damage
+        raise StorageError(
+            f"the cost ledger {path}: cannot open it ({e}); check the disk, the file's owner and "
+            f"mode, and that no other program holds it (fuser {shlex.quote(str(path))})") from e
+
+
+def _open_for_writing(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            _check(path)
+        except Damage as e:
+            _set_aside(path, e)
+    if not path.exists():
+        try:
+            dbcheck.create(path, _create)
+        except Damage as e:  # a -wal whose ledger is gone
+            _set_aside(path, e)
+            dbcheck.create(path, _create)
+    return connect(path)
+
+
+def _set_aside(path: Path, e: Damage) -> None:
+    """Move a damaged ledger aside with one warning; refuse (StorageError) one not ours."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if e.kind in ("foreign", "newer"):
+        aside = shlex.quote(f"{path}.{e.kind}-{stamp}")
+        raise StorageError(
+            f"the cost ledger {path} {e.detail}; the daemon will not write to it: check "
+            f"storage.dir (is it the right directory?), or move it aside and a new "
+            f"ledger starts: mv {shlex.quote(str(path))} {aside}") from e
+    aside_path = dbcheck.move_aside(path, f".{e.kind}-{stamp}")
+    log.warning("cost ledger %s %s: moved it aside to %s and started a new ledger; the "
+                "cost history before now is only in that file", path, e.detail, aside_path)
+
+
 def read_intervals(conn: sqlite3.Connection, since: float, until: float) -> list[Interval]:
     """Intervals overlapping [since, until), oldest first; an open one overlaps up to now."""
     rows = conn.execute(
@@ -161,7 +243,7 @@ class Ledger:
         """Open (creating) the ledger at `path` and close any interval a crash left open."""
         self.path = path
         self._clock = clock
-        self._conn = connect(path)
+        self._conn = open_for_writing(path)
         self._conn.executescript(_SCHEMA)
         self._conn.execute(
             "INSERT OR IGNORE INTO cost_meta(key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)

@@ -40,7 +40,9 @@ LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900)
 JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 JOB_STATUSES = ("done", "failed", "cancelled")
-EXIT_KINDS = ("load_failed", "load_timeout", "crashed", "killed", "stop_escalated")  # events.py
+# daemon/process.py ExitKind, less "exited" (asked for)
+EXIT_KINDS = ("load_failed", "load_timeout", "crashed", "killed", "stop_escalated",
+              "protocol_error", "hung", "batch_timeout")
 IDLE_PHASES = (Phase.READY_IDLE, Phase.UNLOADED_ALIVE)
 # The classic text format every Prometheus reads (our names need none of 1.0.0's quoting).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -29,6 +29,7 @@ from typing import Any
 
 from ondemand.config import CostConfig, WorkerConfig
 from ondemand.cost.ledger import IdleCause, Interval, Phase, Trigger
+from ondemand.durations import is_duration, parse_duration
 
 DAY_S = 86400.0
 J_PER_KWH = 3.6e6
@@ -456,25 +457,22 @@ def _why(u: float, e: float, p: Prices) -> str:
 
 # -- the document: GET /v1/cost and `ondemand cost` -----------------------------------------
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY_S, "w": 7 * DAY_S}
-
-
 def parse_when(text: str, now: float) -> float:
-    """`30d`, `24h`, `90m`, `3600s`, `2w` (that long before now), `now`, a Unix time, or an ISO
-    date/datetime (without a zone: UTC).  Raises ValueError with what is accepted."""
+    """A duration before now (`30d`, `24h`, `1h30m`: durations.parse_duration), `now`, a Unix
+    time, or an ISO date/datetime (without a zone: UTC).  Raises ValueError with what is
+    accepted."""
     t = text.strip()
     if t == "now":
         return now
-    if t and t[-1] in _UNITS:
-        with contextlib.suppress(ValueError):
-            return now - float(t[:-1]) * _UNITS[t[-1]]
+    if is_duration(t):
+        return now - parse_duration(t)
     with contextlib.suppress(ValueError):
         return float(t)
     try:
         dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(
-            f"{text!r} is not a time: use a duration before now (30d, 24h, 90m), 'now',"
+            f"{text!r} is not a time: use a duration before now (30d, 24h, 1h30m), 'now',"
             " a Unix time or an ISO date (2024-05-01, 2024-05-01T12:00Z)"
         ) from None
     if dt.tzinfo is None:

@@ -63,6 +63,7 @@ class Sampler:
         self._prev: GpuSample | None = None
         self._prev_at: float | None = None
         self._running = False
+        self._failing = False  # the last tick failed (logged once per streak)
         self.samples = 0
         self.last: Reading | None = None
 
@@ -115,9 +116,17 @@ class Sampler:
         self._timer = None
         try:
             self.sample_now()
-        except Exception:  # never let a probe bug stop the timer chain
-            log.exception("sampler: sample failed")
-        self._arm()
+        except Exception:  # a probe bug or a full disk under the ledger: the chain goes on
+            if not self._failing:
+                log.exception("sampler: sample failed; retried every tick, logged again only "
+                              "once it works")
+            self._failing = True
+        else:
+            if self._failing:
+                log.info("sampler: samples are recorded again")
+            self._failing = False
+        finally:
+            self._arm()
 
     def sample_now(self) -> Reading:
         """Take one reading now for the current phase and hand it to the sink."""

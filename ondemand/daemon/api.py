@@ -1,8 +1,16 @@
-"""HTTP API v1 handlers.  Errors are raised as OndemandError and rendered by http_errors.
+"""HTTP API v1 handlers.  Errors are raised as OndemandError and rendered by daemon/http.py.
 
-Submission path (the only hot path): read the upload under `server.max_upload_mb`, decode and
-validate it in a thread (so bad input never reaches the queue, let alone the GPU), spool the
-16 kHz float32 samples with fsync, commit the row (group-committed), and only then answer 202.
+Submission path (the only hot path): read the upload under `server.max_upload_mb` and
+`server.read_timeout_s`, decode and validate it in a thread, `server.max_concurrent_decodes` at a
+time (daemon/upload.py: bad input never reaches the queue, let alone the GPU), spool the 16 kHz
+float32 samples with fsync, commit the row (group-committed), and only then answer 202.
+Every JSON answer goes through http.json_response (NaN and Infinity are refused, not written).
+
+Tokens (daemon/auth.py): a job records the name of the token that submitted it (`owner`); a
+token without `admin` sees only its own jobs (another's answers 404, as if it did not exist).
+A submission is counted against its token's `submits_per_minute` before its body is read, and
+against its `max_pending` in the insert's transaction.  `callback_url` (query or form field) is
+checked against `webhooks.allowed_hosts` before the body is decoded (daemon/destinations.py).
 """
 
 from __future__ import annotations
@@ -10,37 +18,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import PurePath
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from ondemand.audio import decode
+from ondemand import protocol, segments
+from ondemand.audio import Limits
 from ondemand.config import Config
+from ondemand.daemon import auth
+from ondemand.daemon.destinations import check_callback
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus, JobFinished, JobQueued
-from ondemand.daemon.http import BadRequest
+from ondemand.daemon.guard import TaskGuard
+from ondemand.daemon.http import json_response
 from ondemand.daemon.store import (
     FINAL,
     QUEUED,
     Job,
+    Store,
+)
+from ondemand.daemon.supervisor import Supervisor
+from ondemand.daemon.upload import Intake
+from ondemand.errors import (
+    BadRequest,
     JobConflict,
     JobNotFound,
-    Store,
-    fsync_write_npy,
+    RequestTimeout,
+    ShuttingDown,
+    StorageFull,
 )
-from ondemand.daemon.supervisor import Supervisor, WorkerUnavailable
-from ondemand.errors import AudioError, OndemandError
+from ondemand.protocol import GRANULARITIES
 
-CHUNK = 1 << 16
-MAX_FIELD_BYTES = 4096
 MAX_KEY_CHARS = 200
-GRANULARITIES = ("utterance", "frame")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 CONFIG = web.AppKey("config", Config)
@@ -48,6 +62,8 @@ BUS = web.AppKey("bus", EventBus)
 STORE = web.AppKey("store", Store)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+INTAKE = web.AppKey("intake", Intake)
+GUARD = web.AppKey("guard", TaskGuard)  # the owner tasks, watched (daemon/guard.py)
 # Set when SIGTERM starts the drain (app.drain): new work is refused with 503 shutting_down,
 # long-polls return at once, /readyz turns 503; queued jobs stay for the next start.
 DRAINING = web.AppKey("draining", asyncio.Event)
@@ -102,10 +118,6 @@ def _number(value: Any, name: str, *, minimum: float = 0.0) -> float:
     return n
 
 
-class StorageFull(OndemandError):
-    code = "insufficient_storage"
-
-
 def _storage_error(e: OSError) -> Exception:
     """Spooling failed.  Out of space (ENOSPC, EDQUOT, EFBIG: a file size limit) is a clear
     507 that says nothing was queued; anything else stays a logged 500."""
@@ -118,65 +130,11 @@ def _storage_error(e: OSError) -> Exception:
     return e
 
 
-def _too_large(limit_mb: float) -> AudioError:
-    return AudioError(
-        f"the upload is larger than the limit of {limit_mb:g} MB (server.max_upload_mb); "
-        "send a shorter or compressed clip", code="too_large")
-
-
-async def _read_limited(
-    read: Callable[[int], Awaitable[bytes]], limit: int, limit_mb: float
-) -> bytes:
-    buf = bytearray()
-    while True:
-        chunk = await read(CHUNK)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-        if len(buf) > limit:
-            raise _too_large(limit_mb)
-
-
-async def read_upload(request: web.Request, limit_mb: float) -> tuple[bytes, str, dict[str, str]]:
-    """(audio bytes, client file name, form fields) from a multipart or raw audio/* body."""
-    limit = int(limit_mb * 1024 * 1024)
-    if request.content_length is not None and request.content_length > limit + 64 * 1024:
-        raise _too_large(limit_mb)
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        audio: bytes | None = None
-        filename = ""
-        fields: dict[str, str] = {}
-        try:
-            reader = await request.multipart()
-            async for part in reader:
-                if not isinstance(part, BodyPartReader) or not part.name:
-                    continue
-                if part.name == "audio":
-                    audio = await _read_limited(part.read_chunk, limit, limit_mb)
-                    filename = part.filename or ""
-                else:
-                    raw = await _read_limited(part.read_chunk, MAX_FIELD_BYTES, limit_mb)
-                    fields[part.name] = raw.decode("utf-8", "replace")
-        except ValueError as e:  # aiohttp: no/unknown boundary, truncated body (was a 500)
-            raise BadRequest(
-                "malformed multipart/form-data body (missing or wrong boundary, or cut short); "
-                "send the clip as the file field `audio`") from e
-        if audio is None:
-            raise BadRequest("the multipart form has no `audio` file field")
-        return audio, filename, fields
-    if ctype.startswith("audio/") or ctype == "application/octet-stream":
-        return await _read_limited(request.content.read, limit, limit_mb), "", {}
-    raise AudioError(
-        f"unsupported content type {ctype or '(none)'!r}: send the audio as a multipart field "
-        "`audio` or as a raw body with an audio/* content type", code="unsupported_media_type")
-
-
 def refuse_if_draining(app: web.Application) -> None:
     if app[DRAINING].is_set():
-        raise WorkerUnavailable(
+        raise ShuttingDown(
             "the daemon is shutting down; retry in a few seconds (queued jobs are kept)",
-            code="shutting_down", retry_after_s=DRAIN_RETRY_AFTER_S)
+            retry_after_s=DRAIN_RETRY_AFTER_S)
 
 
 def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, str]:
@@ -191,31 +149,63 @@ def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, s
     return granularity, embedding, key
 
 
+def _segmenting(request: web.Request, fields: dict[str, str],
+                granularity: str) -> protocol.Segmenting | None:
+    """The `segments` option (none | vad | fixed, with window_s and hop_s for fixed)."""
+    opts = {**request.query, **fields}
+    window = opts.get("window_s")
+    hop = opts.get("hop_s")
+    try:
+        spec = segments.make_spec(
+            opts.get("segments", "none"),
+            window_s=None if window is None else _number(window, "window_s"),
+            hop_s=None if hop is None else _number(hop, "hop_s"),
+            settings=request.app[CONFIG].segments)
+    except segments.SpecError as e:
+        raise BadRequest(str(e)) from None
+    if spec is not None and granularity != "utterance":
+        raise BadRequest("segments gives one result per segment: use granularity=utterance "
+                         "(with embedding=true the .npy holds one row per segment)")
+    return spec
+
+
+def _limits(cfg: Config, spec: protocol.Segmenting | None) -> Limits:
+    audio_cfg = cfg.audio
+    if spec is not None:
+        return Limits(audio_cfg.max_segmented_seconds, audio_cfg.decode_mb(True),
+                      "Split it into shorter recordings (audio.max_segmented_seconds).")
+    return Limits(audio_cfg.max_seconds, audio_cfg.decode_mb(False),
+                  f"Submit it with segments=vad (speech segments) or segments=fixed (windows) "
+                  f"for a timeline of recordings up to {audio_cfg.max_segmented_seconds:g} s, "
+                  "or split it.")
+
+
 async def submit(request: web.Request) -> tuple[Job, int]:
     """Validate, spool and durably queue one job; returns it and its queue position."""
     app = request.app
-    cfg, store = app[CONFIG], app[STORE]
+    store = app[STORE]
     refuse_if_draining(app)
-    data, filename, fields = await read_upload(request, cfg.server.max_upload_mb)
-    granularity, embedding, key = _options(request, fields)
-    loop = asyncio.get_running_loop()
-    decoded = await loop.run_in_executor(
-        None, functools.partial(decode, data, max_seconds=cfg.audio.max_seconds))
-    if decoded.duration_s < cfg.audio.min_seconds:
-        raise AudioError(
-            f"the audio is too short: {decoded.duration_s * 1000:.1f} ms; the minimum is "
-            f"{cfg.audio.min_seconds * 1000:g} ms (audio.min_seconds)", code="too_short")
+    who = auth.principal(request)
+    app[auth.LIMITER].admit(who)  # 429 before the body is read
     job_id = secrets.token_urlsafe(16)
-    job = Job(id=job_id, status=QUEUED, key=key or PurePath(filename).stem or job_id,
-              granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
-              created=time.time())
     path = store.audio_path(job_id)
+    async with app[INTAKE].receive(request) as upload:  # its file is removed when decoded
+        granularity, embedding, key = _options(request, upload.fields)
+        spec = _segmenting(request, upload.fields, granularity)
+        callback = {**request.query, **upload.fields}.get("callback_url") or None
+        if callback is not None:
+            await check_callback(app[CONFIG].webhooks, callback)
+        try:  # streamed into the spool file, fsynced before it appears
+            decoded = await app[INTAKE].decode(upload, path, _limits(app[CONFIG], spec))
+        except OSError as e:
+            raise _storage_error(e) from e
+    job = Job(id=job_id, status=QUEUED, key=key or PurePath(upload.filename).stem or job_id,
+              granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
+              created=time.time(), owner=who.name, callback_url=callback,
+              segments=None if spec is None else {
+                  "mode": spec.mode, "window_s": spec.window_s, "hop_s": spec.hop_s})
     try:
-        await loop.run_in_executor(None, fsync_write_npy, path, decoded.samples)
-    except OSError as e:
-        raise _storage_error(e) from e
-    try:
-        position = await store.add(job)
+        position = await store.add(job, owner_max_pending=who.max_pending)
     except sqlite3.OperationalError as e:
         store.remove_audio(job_id)
         if "full" in str(e):  # SQLITE_FULL: "database or disk is full"
@@ -233,8 +223,9 @@ async def submit(request: web.Request) -> tuple[Job, int]:
 
 async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
     store = request.app[STORE]
+    owner = auth.principal(request).owner_filter
     with request.app[WATCH].watch(job_id) as finished:
-        job = await store.get(job_id)
+        job = await store.get(job_id, owner=owner)
         if job.status in FINAL or wait_s <= 0:
             return job
         draining = asyncio.ensure_future(request.app[DRAINING].wait())
@@ -245,7 +236,7 @@ async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
         finally:
             draining.cancel()
             finish.cancel()
-    return await store.get(job_id)
+    return await store.get(job_id, owner=owner)
 
 
 def _wait_param(request: web.Request) -> float:
@@ -260,18 +251,19 @@ async def post_job(request: web.Request) -> web.Response:
     job, position = await submit(request)
     body = {"id": job.id, "status": job.status, "position": position,
             "worker": request.app[SUPERVISOR].state.value,
-            "eta_s": request.app[DISPATCHER].eta_s(position)}
-    return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+            "eta_s": request.app[DISPATCHER].eta_s(position, job.duration_s)}
+    return json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await _wait_final(request, request.match_info["id"], _wait_param(request))
-    return web.json_response(job.to_json())
+    job.progress = request.app[DISPATCHER].progress_of(job.id)
+    return json_response(job.to_json())
 
 
 async def get_embedding(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
-    job = await store.get(request.match_info["id"])
+    job = await store.get(request.match_info["id"], owner=auth.principal(request).owner_filter)
     if job.status != "done":
         raise JobConflict(f"job {job.id} is {job.status}; its embedding exists once it is done")
     path = store.embedding_path(job.id)
@@ -282,30 +274,31 @@ async def get_embedding(request: web.Request) -> web.StreamResponse:
 
 async def delete_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    outcome = await request.app[STORE].cancel_or_delete(job_id)
+    outcome = await request.app[STORE].cancel_or_delete(
+        job_id, owner=auth.principal(request).owner_filter)
     if outcome == "cancelled":
         request.app[BUS].publish(JobFinished(job=job_id, status="cancelled", queue_s=None,
                                              compute_s=None, attempts=0))
-        return web.json_response({"id": job_id, "status": "cancelled"})
-    return web.json_response({"id": job_id, "deleted": True})
+        return json_response({"id": job_id, "status": "cancelled"})
+    return json_response({"id": job_id, "deleted": True})
 
 
 async def recognize(request: web.Request) -> web.Response:
     job, position = await submit(request)
     job = await _wait_final(request, job.id, request.app[CONFIG].server.max_wait_s)
     if job.status in FINAL:
-        return web.json_response(job.to_json())
+        return json_response(job.to_json())
     body = job.to_json()
     body["position"] = position
-    return web.json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def status(request: web.Request) -> web.Response:
     app = request.app
     cfg = app[CONFIG]
     counts = await app[STORE].counts()
-    return web.json_response({
-        "worker": app[SUPERVISOR].status(),
+    return json_response({
+        "worker": app[SUPERVISOR].status().to_json(),
         "queue": {**counts, "max_pending": cfg.queue.max_pending},
         "idle": {"unload_after_s": cfg.worker.unload_after_s,
                  "exit_after_s": cfg.worker.exit_after_s},
@@ -315,8 +308,13 @@ async def status(request: web.Request) -> web.Response:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
+    stall_s = request.app[CONFIG].server.read_timeout_s
     try:
-        body = await request.json()
+        async with asyncio.timeout(stall_s):  # a small body: all of it within the stall limit
+            body = await request.json()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {stall_s:g} s "
+                             "(server.read_timeout_s)") from None
     except ValueError:
         raise BadRequest("the request body must be a JSON object") from None
     if not isinstance(body, dict):
@@ -332,7 +330,7 @@ async def worker_load(request: web.Request) -> web.Response:
     wait = _flag(wait, "wait") if isinstance(wait, str) else bool(wait)
     sup = request.app[SUPERVISOR]
     await sup.load("manual", hold_s=hold_s, wait=wait)
-    return web.json_response(sup.status(), status=200 if wait else 202)
+    return json_response(sup.status().to_json(), status=200 if wait else 202)
 
 
 async def worker_unload(request: web.Request) -> web.Response:
@@ -341,24 +339,37 @@ async def worker_unload(request: web.Request) -> web.Response:
     exit_ = _flag(exit_, "exit") if isinstance(exit_, str) else bool(exit_)
     sup = request.app[SUPERVISOR]
     await sup.unload("manual", exit=exit_)
-    return web.json_response(sup.status(), status=202)
+    return json_response(sup.status().to_json(), status=202)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    return json_response({"ok": True})
 
 
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
+    failed = app[GUARD].failed
+    if failed is not None:  # an owner task ended: the daemon is stopping with exit status 1
+        return json_response({"ready": False, "reason": failed}, status=503,
+                             headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
     if app[DRAINING].is_set():
-        return web.json_response({"ready": False, "reason": "shutting down"}, status=503,
-                                 headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
+        return json_response({"ready": False, "reason": "shutting down"}, status=503,
+                             headers={"Retry-After": str(int(DRAIN_RETRY_AFTER_S))})
+    if not app[STORE].healthy:  # a failing job database (store.py): the reason, logged once
+        return json_response(
+            {"ready": False, "reason": f"job database failing: {app[STORE].error}"},
+            status=503, headers={"Retry-After": "5"})
+    # Results waiting in memory for storage; a hung or stuck worker (issue 10: both said ready).
+    busy = app[DISPATCHER].blocked or app[SUPERVISOR].unready_reason()
+    if busy is not None:
+        return json_response({"ready": False, "reason": busy}, status=503,
+                             headers={"Retry-After": "5"})
     counts = await app[STORE].counts()
     pending = counts[QUEUED] + counts["running"]
     if pending >= app[CONFIG].queue.max_pending:
-        return web.json_response({"ready": False, "reason": "queue full"}, status=503,
-                                 headers={"Retry-After": "5"})
-    return web.json_response({"ready": True, "worker": app[SUPERVISOR].state.value})
+        return json_response({"ready": False, "reason": "queue full"}, status=503,
+                             headers={"Retry-After": "5"})
+    return json_response({"ready": True, "worker": app[SUPERVISOR].state.value})
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,79 +1,60 @@
 """The aiohttp front end: assembles the daemon and owns every component through `cleanup_ctx`.
 
-Never imports torch (tests/test_daemon_api.py proves it).  Start-up order: store (recovers
-interrupted jobs), supervisor, dispatcher, purge timer; shutdown runs in reverse: the purge stops,
-the dispatcher lets its batch finish (bounded by server.stop_timeout_s), the supervisor stops the
-worker (ask, wait, SIGKILL, reap), the store closes.
+Never imports torch (tests/test_layout.py proves it).  The start-up order is the one literal
+list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_ctx):
 
-Extension points for other components (prewarm scheduler, cost ledger, metrics): build the app
-with `build_app()`, subscribe to `app[BUS]` before it starts, and append your own cleanup context
-*after* ours (it then starts after and stops before the supervisor); use `app[SUPERVISOR].load(
-"schedule:<name>", hold_s=...)` for holds.
+1. accounting (cost/api.py): GPU probe, ledger, sampler, metrics: first up, last down, so the
+   shutdown's state changes are still recorded;
+2. store: opens SQLite and recovers interrupted jobs;
+3. supervisor: owns the worker; on the way down stops it (ask, wait, SIGKILL, reap);
+4. dispatcher: on the way down lets its batch finish (bounded by server.stop_timeout_s);
+5. webhooks (daemon/webhooks.py): the callback delivery task; stops before the store closes
+   and after the dispatcher's last outcomes (an attempt cut short runs again after a restart);
+6. purge timer;
+7. prewarm scheduler (prewarm/api.py): no hold starts during shutdown;
+8. event log (daemon/events_api.py, GET /v1/events): last up, first down; open streams end
+   at `on_shutdown`, before any of this.
+
+Middlewares: errors first (outermost: it renders what the others raise), then bearer tokens and
+scopes (daemon/auth.py).
+
+Each component's long-lived task is watched by the app's TaskGuard (`app[api.GUARD]`,
+daemon/guard.py): one that ends unasked turns /readyz 503 with the reason, logs one ERROR line
+naming it, and makes `serve()` stop in order and return exit status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from ondemand.config import Config
 from ondemand.console import routes as console
 from ondemand.cost import api as cost_api
-from ondemand.daemon import api, events_api, jobs_api
+from ondemand.daemon import api, auth, events_api, jobs_api, listen, openapi, webhooks
+from ondemand.daemon import lock as storage_lock
+from ondemand.daemon.auth import check_bind
 from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
-from ondemand.daemon.http import Handler, Unauthorized, error_middleware, response_for
+from ondemand.daemon.guard import TaskGuard
+from ondemand.daemon.http import error_middleware, make_runner
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
-from ondemand.errors import ConfigError
+from ondemand.daemon.upload import Intake
+from ondemand.errors import StorageUnavailable
 from ondemand.gpu import GpuProbe
 from ondemand.prewarm import api as prewarm_api
 
 log = logging.getLogger(__name__)
 
-# Everything else needs the bearer token when one is set (issue 6: "every endpoint except
-# /healthz"); /readyz reports queue and worker state, so it is behind the token too.
-OPEN_PATHS = ("/healthz",)
-
-
-def check_bind(cfg: Config) -> None:
-    """Refuse to listen beyond loopback without a token unless explicitly allowed."""
-    host = cfg.server.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not cfg.auth_token() and not cfg.server.allow_insecure_bind:
-        raise ConfigError(
-            f"server.host: {host!r} is reachable from other machines but no server.token (or "
-            "ONDEMAND_TOKEN) is set; set a token, bind 127.0.0.1, or set "
-            "server.allow_insecure_bind = true"
-        )
-
-
-def _auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path not in OPEN_PATHS and not console.is_public(request.path):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return response_for(Unauthorized(
-                    "missing or wrong bearer token; send `Authorization: Bearer <token>` "
-                    "(server.token / ONDEMAND_TOKEN)"))
-        return await handler(request)
-
-    return auth
+__all__ = ["build_app", "check_bind", "drain", "serve"]
 
 
 def build_app(
@@ -84,7 +65,7 @@ def build_app(
 ) -> web.Application:
     """The daemon's app.  `spawn` and `gpu` are the injected boundaries (tests: fake worker)."""
     app = web.Application(
-        middlewares=[error_middleware, _auth_middleware(cfg.auth_token())],
+        middlewares=[error_middleware, auth.middleware(cfg)],
         client_max_size=int(cfg.server.max_upload_mb * 1024 * 1024) + 1024 * 1024,
     )
     app[api.CONFIG] = cfg
@@ -92,6 +73,10 @@ def build_app(
     app[api.BUS] = bus
     app[api.WATCH] = api.JobWatch(bus)
     app[api.DRAINING] = asyncio.Event()
+    app[api.INTAKE] = Intake(cfg)
+    app[auth.LIMITER] = auth.SubmitLimiter()
+    guard = TaskGuard()
+    app[api.GUARD] = guard
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = Store(Path(cfg.storage.dir), max_pending=cfg.queue.max_pending)
@@ -105,30 +90,46 @@ def build_app(
         sup = Supervisor(cfg.worker, cfg.model, bus, spawn=spawn, gpu=probe)
         sup.start()
         app[api.SUPERVISOR] = sup
-        yield
+        with guard.watching(sup.task):
+            yield
         await sup.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
         disp = Dispatcher(app[api.STORE], app[api.SUPERVISOR], bus, cfg.queue, cfg.worker,
-                          stop_timeout_s=cfg.server.stop_timeout_s)
+                          stop_timeout_s=cfg.server.stop_timeout_s, storage_cfg=cfg.storage,
+                          segments_cfg=cfg.segments)
         disp.start()
         app[api.DISPATCHER] = disp
-        yield
+        with guard.watching(disp.task):
+            yield
         await disp.close()
 
     async def purge_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_purge_loop(app[api.STORE], cfg), name="purge")
-        yield
+        with guard.watching(task):
+            yield
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # a death was reported
             await task
 
-    app.cleanup_ctx.extend([store_ctx, supervisor_ctx, dispatcher_ctx, purge_ctx])
+    # The order is the start-up order; shutdown runs it backwards (see the module docstring).
+    components = [
+        cost_api.context(cfg, gpu=gpu),
+        store_ctx,
+        supervisor_ctx,
+        dispatcher_ctx,
+        webhooks.context(cfg),
+        purge_ctx,
+        prewarm_api.context(cfg),
+        events_api.context(cfg),
+    ]
+    app.cleanup_ctx.extend(components)
     api.add_routes(app)
-    cost_api.setup(app, cfg, gpu=gpu)  # ledger + sampler + metrics: first up, last down
-    prewarm_api.setup(app, cfg)  # scheduled holds: last up, first down
-    jobs_api.add_routes(app)  # GET /v1/jobs: the recent-jobs listing
-    events_api.setup(app, cfg)  # GET /v1/events (SSE): up after prewarm, down before it
+    cost_api.add_routes(app)
+    prewarm_api.add_routes(app)
+    openapi.add_routes(app)
+    jobs_api.add_routes(app)
+    events_api.add_routes(app)
     console.setup(app, cfg)  # the web page at / (no token needed for the page itself)
     return app
 
@@ -138,6 +139,8 @@ async def _purge_loop(store: Store, cfg: Config) -> None:
     while True:
         try:
             await store.purge(time.time() - retain_s)
+        except StorageUnavailable:
+            pass  # the store logged the failing database once; a line per purge would be noise
         except Exception:
             log.exception("purge failed; retrying in %gs", cfg.queue.purge_interval_s)
         await asyncio.sleep(cfg.queue.purge_interval_s)
@@ -148,44 +151,73 @@ async def drain(app: web.Application) -> None:
     shutting_down (and wake long-polls), let the running batch finish within
     server.stop_timeout_s (else requeue it), start no new batch.  Queued jobs stay in the store
     for the next start.  The runner's cleanup then unloads and stops the worker."""
+    app[api.GUARD].close()  # from here on, owner tasks end on purpose
     app[api.DRAINING].set()
     await app[api.DISPATCHER].close()
 
 
-async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly).
+async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> int:
+    """Run the daemon until SIGINT/SIGTERM (signals only set a flag; shutdown is orderly), or
+    until an owner task fails (daemon/guard.py).  Returns the exit status: 0 after a signal, 1
+    after a failed task, so the service manager restarts the daemon.
     Under systemd (Type=notify) it sends READY=1 once listening, STATUS= lines, watchdog pings
-    and STOPPING=1 (ondemand/daemon/service.py)."""
+    and STOPPING=1 (ondemand/daemon/service.py).
+
+    Start-up order: signal handlers first (a signal at any later point stops the daemon in order,
+    never a traceback); then storage.dir's lock (daemon/lock.py), before anything in it is opened
+    or recovered; then the listening sockets (daemon/listen.py); only then the components, whose
+    store and ledger check their databases.  Each refusal is an OndemandError with one line
+    (exit 2 from the CLI): storage.dir unusable or held by another daemon, a damaged job
+    database, the port in use (issue 10)."""
     import signal
 
-    from ondemand.daemon.sdnotify import Notifier
-    from ondemand.daemon.service import ServiceNotifier
-
-    check_bind(cfg)
-    app = build_app(cfg)
-    notifier = Notifier()
-    service: ServiceNotifier | None = None
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # `ondemand serve` blocks both until here, so one sent during the imports waits for the
+    # handler above instead of raising KeyboardInterrupt inside an import (commands/daemon_cmds).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    check_bind(cfg)
+    with contextlib.ExitStack() as resources:  # released in reverse order, however it ends
+        resources.callback(storage_lock.acquire(Path(cfg.storage.dir)).release)
+        socks = listen.bind(cfg.server.host, cfg.server.port)
+        for sock in socks:
+            resources.callback(sock.close)
+        return await _run(cfg, socks, stop, ready)
+
+
+async def _run(cfg: Config, socks: list[socket.socket], stop: asyncio.Event,
+               ready: asyncio.Event | None) -> int:
+    """The app on the bound sockets until `stop`, then drain and clean up.  Returns the exit
+    status (1 when an owner task failed)."""
+    from ondemand.daemon.sdnotify import Notifier
+    from ondemand.daemon.service import ServiceNotifier
+
+    app = build_app(cfg)
+    guard = app[api.GUARD]
+    guard.on_failure(lambda _reason: stop.set())
+    notifier = Notifier()
+    service: ServiceNotifier | None = None
+    runner = make_runner(app, cfg.server, handle_signals=False, access_log=None)
     try:
-        site = web.TCPSite(runner, cfg.server.host, cfg.server.port,
-                           shutdown_timeout=cfg.server.stop_timeout_s)
-        await site.start()
-        for addr in runner.addresses:
-            host, port = addr[:2]
-            log.info("ondemand serving on http://%s:%d (storage %s)", host, port,
-                     Path(cfg.storage.dir).resolve())
-        service = ServiceNotifier(app, notifier)
-        await service.tick(ping=False)  # STATUS first: `systemctl status` never shows nothing
-        notifier.ready()
-        service.start()
-        if ready is not None:
-            ready.set()
-        await stop.wait()
+        await runner.setup()  # opens (and checks) the ledger and the store
+        if not stop.is_set():  # a signal during start-up: stop without ever serving
+            for sock in socks:
+                await web.SockSite(runner, sock,
+                                   shutdown_timeout=cfg.server.stop_timeout_s).start()
+            for addr in runner.addresses:
+                host, port = addr[:2]
+                log.info("ondemand serving on http://%s:%d (storage %s)", host, port,
+                         Path(cfg.storage.dir).resolve())
+            service = ServiceNotifier(app, notifier)
+            await service.tick(ping=False)  # STATUS first: `systemctl status` never shows nothing
+            notifier.ready()
+            service.start()
+            if ready is not None:
+                ready.set()
+            await stop.wait()
         log.info("ondemand shutting down: draining (server.stop_timeout_s=%g)",
                  cfg.server.stop_timeout_s)
         notifier.stopping("stopping: running batch finishing, queued jobs kept")
@@ -195,3 +227,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
             await service.close()
         await runner.cleanup()
         notifier.close()
+    if guard.failed is not None:
+        log.error("ondemand stopped with exit status 1: %s", guard.failed)
+        return 1
+    return 0

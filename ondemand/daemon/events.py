@@ -61,8 +61,11 @@ class ModelLoaded(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerExited(Event):
-    """A worker process ended.  `kind`: exited (asked), load_failed, load_timeout, crashed,
-    killed (by a signal we did not send: possibly the OOM killer), stop_escalated (we SIGKILLed)."""
+    """A worker process ended.  `kind` (daemon/process.py ExitKind): exited (asked), load_failed,
+    load_timeout, crashed, killed (by a signal we did not send: possibly the OOM killer),
+    stop_escalated (we SIGKILLed), protocol_error (we SIGKILLed it for a line that is not the
+    protocol), hung (we SIGKILLed it: no heartbeat on a batch for worker.heartbeat_timeout_s),
+    batch_timeout (we SIGKILLed it: a batch ran past its deadline)."""
 
     pid: int
     returncode: int | None
@@ -95,6 +98,16 @@ class JobsStarted(Event):
     """Jobs moved from queued to running: one batch about to be sent to the worker."""
 
     jobs: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobProgress(Event):
+    """A running segmented job's progress (issue 12): every segment ending before `done_s` of
+    the recording's `total_s` is classified (the worker's protocol.Progress)."""
+
+    job: str
+    done_s: float
+    total_s: float
 
 
 @dataclass(frozen=True, kw_only=True)

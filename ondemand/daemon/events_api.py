@@ -36,7 +36,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from ondemand.daemon.events import (
     Event,
     EventBus,
     JobFinished,
+    JobProgress,
     JobQueued,
     JobsStarted,
     ModelLoaded,
@@ -56,13 +57,14 @@ from ondemand.daemon.events import (
     WorkerExited,
 )
 from ondemand.daemon.store import QUEUED, RUNNING, Store
-from ondemand.daemon.supervisor import Supervisor, WorkerUnavailable
+from ondemand.daemon.supervisor import Supervisor
+from ondemand.errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 
 RETRY_MS = 3000  # the reconnect delay suggested to EventSource clients
 WORKER_EVENTS = (StateChanged, ModelLoaded, WorkerExited, WorkerActivity)
-JOB_EVENTS = (JobQueued, JobsStarted, JobFinished)
+JOB_EVENTS = (JobQueued, JobsStarted, JobProgress, JobFinished)
 # Events that can change the queue counts (a crash requeues its batch: WorkerExited).
 QUEUE_EVENTS = (*JOB_EVENTS, WorkerExited)
 STREAM_HEADERS = {
@@ -91,6 +93,8 @@ def describe(event: Event) -> list[tuple[str, dict[str, Any]]]:
                 for j in event.jobs]
     if isinstance(event, JobQueued):
         return [("job", {**_fields(event), "status": QUEUED})]
+    if isinstance(event, JobProgress):  # a segmented recording, part done (issue 12)
+        return [("job", {**_fields(event), "status": RUNNING})]
     names: dict[type[Event], str] = {StateChanged: "state", ModelLoaded: "loaded",
                                      WorkerExited: "exited", WorkerActivity: "activity",
                                      JobFinished: "job"}
@@ -163,7 +167,7 @@ class EventLog:
             client.push(data)
 
     def worker_frame(self) -> bytes:
-        return frame("worker", {"worker": self._sup.status(), "time": round(time.time(), 6)})
+        return frame("worker", {"worker": self._sup.status().to_json(), "time": round(time.time(), 6)})
 
     def _send_worker(self) -> None:
         self._worker_due = False
@@ -194,8 +198,7 @@ class EventLog:
         """Register a client; returns it and what to write first (hello, reset or the replay,
         the worker snapshot).  Synchronous, so no event falls between replay and live."""
         if self.closed:
-            raise WorkerUnavailable("the daemon is shutting down; reconnect in a few seconds",
-                                    code="shutting_down")
+            raise ShuttingDown("the daemon is shutting down; reconnect in a few seconds")
         head = [f"retry: {RETRY_MS}\n\n".encode(),
                 frame("hello", {"last_id": self.last_id, "heartbeat_s": heartbeat_s})]
         if last_event_id is not None:
@@ -266,8 +269,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def setup(app: web.Application, cfg: Config) -> None:
-    """Route and lifetime: the log starts after the supervisor and stops before it."""
+def context(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The event log as an app component: build_app lists it after the supervisor (it reads the
+    bus, the supervisor and the store), so it stops before them.  Open streams end at shutdown
+    (`on_shutdown`, before any cleanup) so they never delay it."""
 
     async def events_ctx(app: web.Application) -> AsyncIterator[None]:
         events = EventLog(app[api.BUS], app[api.SUPERVISOR], app[api.STORE],
@@ -276,10 +281,13 @@ def setup(app: web.Application, cfg: Config) -> None:
         yield
         await events.stop()
 
+    return events_ctx
+
+
+def add_routes(app: web.Application) -> None:
     async def end_streams(app: web.Application) -> None:
         if EVENTS in app:
             app[EVENTS].close()
 
-    app.cleanup_ctx.append(events_ctx)
     app.on_shutdown.append(end_streams)
     app.router.add_get("/v1/events", stream)

@@ -16,9 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ondemand.daemon import api
-from ondemand.daemon.http import BadRequest
+from ondemand.daemon import api, auth
 from ondemand.daemon.store import FINAL, QUEUED, RUNNING, JobSummary
+from ondemand.errors import BadRequest
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -59,7 +59,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     q = request.query
     limit = _limit(q.get("limit", str(DEFAULT_LIMIT)))
     rows = await request.app[api.STORE].recent(
-        limit + 1, statuses=_statuses(q.get("status", "")), before=q.get("before") or None)
+        limit + 1, statuses=_statuses(q.get("status", "")), before=q.get("before") or None,
+        owner=auth.principal(request).owner_filter)  # a `jobs` token sees its own jobs only
     disp = request.app[api.DISPATCHER]
     jobs = [
         summary_json(j, disp.eta_s(j.position)

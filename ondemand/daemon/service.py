@@ -7,10 +7,10 @@ least every half watchdog interval, and then
 - sends `STATUS=worker ready, 3 queued, 1 running` when the text changed
   (`systemctl status ondemand` shows it; backoff shows the load error);
 - sends `WATCHDOG=1` only when the daemon can still do its job: the event loop runs (this task
-  ran), the store's database thread answered within the interval, and the supervisor and
-  dispatcher owner tasks are alive.  A dispatcher that died of an exception would otherwise leave a
-  daemon that accepts jobs forever and runs none; without the ping systemd restarts it
-  (WatchdogSec=, Restart=on-failure) and the queued jobs run after the restart.
+  ran), the store's database thread answered within the interval, and no owner task failed (the
+  app's TaskGuard, daemon/guard.py).  A task that fails also stops the daemon with exit status 1,
+  so plain `ondemand serve` is restarted by whatever manages it; without systemd's watchdog
+  ping too a hung event loop is caught (WatchdogSec=, Restart=on-failure).
 """
 
 from __future__ import annotations
@@ -24,26 +24,24 @@ from aiohttp import web
 from ondemand.daemon import api
 from ondemand.daemon.events import JobFinished, StateChanged
 from ondemand.daemon.sdnotify import Notifier
+from ondemand.daemon.worker_status import WorkerState, WorkerStatus
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 10.0  # STATUS refresh (queue depth) when no watchdog asks for a shorter period
-OWNER_TASKS = ("supervisor", "dispatcher")  # task names given by Supervisor/Dispatcher.start()
 
 
-def status_text(worker: dict[str, object], counts: dict[str, int], *, draining: bool) -> str:
+def status_text(worker: WorkerStatus, counts: dict[str, int], *, draining: bool) -> str:
     """`worker ready, 3 queued, 1 running` (+ the reason when backing off or draining)."""
-    state = worker.get("state", "?")
     held = ""
-    hold_s = worker.get("hold_s")
-    if worker.get("warm_because") == "hold" and isinstance(hold_s, int | float):
-        h, m = divmod(int(hold_s // 60), 60)  # minutes: STATUS= is only resent when it changes
-        held = f" (held by {worker.get('hold_trigger')}, {h}h{m:02d}m left)"
-    text = (f"worker {state}{held}, {counts.get('queued', 0)} queued, "
+    if worker.warm_because == "hold" and worker.hold_s is not None:
+        h, m = divmod(int(worker.hold_s // 60), 60)  # minutes: STATUS= is resent on change only
+        held = f" (held by {worker.hold_trigger}, {h}h{m:02d}m left)"
+    text = (f"worker {worker.state}{held}, {counts.get('queued', 0)} queued, "
             f"{counts.get('running', 0)} running")
-    err = worker.get("last_error")
-    if state == "backoff" and isinstance(err, dict):
-        text += f"; load failed ({err.get('code')}): {err.get('message')}"
+    err = worker.last_error
+    if worker.state is WorkerState.BACKOFF and err is not None:
+        text += f"; load failed ({err.code}): {err.message}"
     if draining:
         text = "stopping: running batch finishing, queued jobs kept; " + text
     return text[:400]
@@ -64,16 +62,14 @@ class ServiceNotifier:
     def start(self) -> None:
         if self.notifier.enabled:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sd-notify")
-
-    def poke(self) -> None:
-        """Refresh STATUS now (e.g. when the drain starts)."""
-        self._wake.set()
+            self.app[api.GUARD].watch(self._task)
 
     async def close(self) -> None:
         self._unsubscribe()
         if self._task is not None:
+            self.app[api.GUARD].retire(self._task)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # reported by the guard
                 await self._task
 
     async def _run(self) -> None:
@@ -101,11 +97,9 @@ class ServiceNotifier:
         if text != self.last_status:
             self.notifier.status(text)
             self.last_status = text
-        alive = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
-        missing = [n for n in OWNER_TASKS if n not in alive]
-        if missing and not app[api.DRAINING].is_set():
-            log.error("watchdog: owner task(s) %s ended; no ping (systemd will restart us)",
-                      ",".join(missing))
+        failed = app[api.GUARD].failed
+        if failed is not None:
+            log.error("watchdog: %s; no ping", failed)
             return False
         if ping and self.notifier.watchdog_s:
             self.notifier.watchdog()

@@ -11,7 +11,18 @@ Invariants:
 - `finish()` only moves a job that is `running`; a result that arrives for a job that was requeued,
   cancelled or purged is dropped, so every job completes exactly once.
 - On open, `running` jobs (the previous process died under them) go back to `queued`; their
-  `attempts` already count the interrupted run.
+  `attempts` already count the interrupted run.  Only the daemon holding storage.dir's lock
+  (daemon/lock.py, taken by `serve()`) may open the store: recovery assumes no one else runs.
+- The database is checked before it is used (ondemand/dbcheck.py): an empty, garbage,
+  truncated, corrupt or foreign file refuses start-up with one line naming the jobs that can
+  still be read and the exact `mv` that moves it aside, never a traceback or a silent new queue.
+- Schema 2 (daemon/outbox.py) adds each job's owner (token name) and callback URL, the webhook
+  outbox and per-token usage; an older database is migrated forward at open, in one
+  transaction, after the checks.
+- At run time a failing database (corrupt, I/O error, read-only) turns `healthy` false with the
+  reason in `error`, logged once per change, and callers get 503 `storage_unavailable`;
+  corruption stays until a restart, the others clear on the next committed write (issue 10: every
+  job request was a 500 while /readyz said ready).
 """
 
 from __future__ import annotations
@@ -20,8 +31,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
+import shlex
 import sqlite3
 import threading
 import time
@@ -31,9 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-
-from ondemand.errors import OndemandError
+from ondemand import dbcheck
+from ondemand.daemon import outbox
+from ondemand.dbcheck import Damage
+from ondemand.errors import (
+    JobNotFound,
+    QueueFull,
+    StorageError,
+    StorageUnavailable,
+    TooManyPending,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +59,12 @@ T = TypeVar("T")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL = (DONE, FAILED, CANCELLED)
 _GROUP_MAX = 512  # operations per shared transaction
+DB_FILE = "jobs.sqlite3"
+APP_ID = 0x6F6E6A62  # PRAGMA application_id: "onjb", an ondemand job database
+SCHEMA_VERSION = outbox.VERSION  # PRAGMA user_version; 2: daemon/outbox.py
+# The columns of schema 1: what identifies a job database of ours from before application_id.
+_COLUMNS = {"seq", "id", "status", "key", "granularity", "embedding", "duration_s", "created",
+            "started", "finished", "attempts", "result", "error", "timings"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -64,24 +88,6 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT
 """
 
 
-class QueueFull(OndemandError):
-    code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class JobNotFound(OndemandError):
-    code = "not_found"
-
-
-class JobConflict(OndemandError):
-    """The job is in a state that does not allow the request (e.g. deleting a running job)."""
-
-    code = "conflict"
-
-
 @dataclass
 class Job:
     id: str
@@ -97,11 +103,25 @@ class Job:
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
     timings: dict[str, float | None] = field(default_factory=dict)
+    owner: str = ""  # the token's name (daemon/auth.py); "" without auth
+    callback_url: str | None = None
+    callback: dict[str, Any] | None = None  # delivery state (outbox.callback_json), read only
+    # issue 12: {mode: vad|fixed, window_s, hop_s} for a timeline; None = classified whole
+    segments: dict[str, Any] | None = None
+    progress: dict[str, float] | None = None  # {done_s, total_s} while running (not stored)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "key": self.key,
             "status": self.status,
+            "granularity": self.granularity,
+            "embedding": self.embedding,
+            "duration_s": self.duration_s,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "owner": self.owner,
             "result": self.result,
             "error": self.error,
             "timings": {
@@ -110,6 +130,11 @@ class Job:
                 "compute_s": self.timings.get("compute_s"),
             },
             "attempts": self.attempts,
+            "callback": self.callback,
+            "segments": self.segments["mode"] if self.segments else "none",
+            **({"window_s": self.segments.get("window_s"), "hop_s": self.segments.get("hop_s")}
+               if self.segments and self.segments.get("mode") == "fixed" else {}),
+            "progress": self.progress,
         }
 
 
@@ -149,22 +174,110 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         result=json.loads(row["result"]) if row["result"] else None,
         error=json.loads(row["error"]) if row["error"] else None,
         timings=json.loads(row["timings"]) if row["timings"] else {},
+        owner=row["owner"],
+        callback_url=row["callback_url"],
+        callback=outbox.callback_json(row),
+        segments=json.loads(row["segments"]) if row["segments"] else None,
     )
 
 
-def fsync_write_npy(path: Path, array: np.ndarray) -> None:
-    """Write `array` to `path` atomically and durably (tmp file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+_SELECT_JOB = (f"SELECT jobs.*, {outbox.CALLBACK_SELECT} FROM {outbox.CALLBACK_FROM} "
+               "WHERE jobs.id = ?")
+
+
+def _document(conn: sqlite3.Connection, job_id: str) -> str | None:
+    """The job document as JSON text (a webhook's body), or None when the job is gone."""
+    row = conn.execute(_SELECT_JOB, (job_id,)).fetchone()
+    if row is None:
+        return None
+    return json.dumps(_row_to_job(row).to_json(), allow_nan=False)
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA application_id = {APP_ID}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.executescript(SCHEMA)
+    outbox.migrate(conn, user_version=SCHEMA_VERSION)
+    conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    """The job database's connection, the file created whole when absent; raises Damage when it
+    is not a healthy job database of ours (nothing is written to it then)."""
+    if not path.exists():
+        dbcheck.create(path, _create_schema)
+    dbcheck.check_file(path)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # disk full mid-write: leave no half file behind (issue 6)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        conn.row_factory = sqlite3.Row
+        dbcheck.check_open(conn, app_id=APP_ID, version=SCHEMA_VERSION, table="jobs",
+                           columns=_COLUMNS, what="job database")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+        outbox.migrate(conn, user_version=SCHEMA_VERSION)  # schema 1 -> 2, idempotent
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        damage = dbcheck.damage_from(e)
+        if damage is None:
+            raise
+        raise damage from e
+    except BaseException:
+        conn.close()
         raise
+    return conn
+
+
+def _recover(conn: sqlite3.Connection) -> int:
+    """running -> queued: the previous process died under them (attempts already count it)."""
+    cur = conn.execute("UPDATE jobs SET status=?, started=NULL WHERE status=?", (QUEUED, RUNNING))
+    return cur.rowcount
+
+
+def _readable_jobs(path: Path) -> str:
+    """Best effort: what a refused job database still shows (status counts, pending ids)."""
+    counts: dict[str, int] = {}
+    pending: list[str] = []
+    complete = True
+    # Without a -wal nothing can be missed by reading the file as immutable, which creates no
+    # -wal/-shm beside it; with one, read-only through it.
+    wal = path.with_name(f"{path.name}-wal")
+    mode = "mode=ro" if wal.exists() else "immutable=1"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
+    except sqlite3.Error:
+        return "no job can be read from it"
+    try:
+        try:
+            for job_id, status in conn.execute("SELECT id, status FROM jobs"):
+                counts[status] = counts.get(status, 0) + 1
+                if status in (QUEUED, RUNNING):
+                    pending.append(job_id)
+        except sqlite3.Error:
+            complete = False
+        if not complete:  # a damaged table: count from the status index, look rows up one by one
+            counts, pending = {}, []
+            with contextlib.suppress(sqlite3.Error):
+                for status, seq in conn.execute(
+                        "SELECT status, seq FROM jobs INDEXED BY jobs_status").fetchall():
+                    counts[status] = counts.get(status, 0) + 1
+                    if status in (QUEUED, RUNNING):
+                        with contextlib.suppress(sqlite3.Error):
+                            pending.extend(r[0] for r in conn.execute(
+                                "SELECT id FROM jobs WHERE seq = ?", (seq,)))
+    finally:
+        conn.close()
+    if not counts:
+        return "no job can be read from it"
+    order = [QUEUED, RUNNING, DONE, FAILED, CANCELLED]
+    told = ", ".join(f"{counts[st]} {st}" for st in sorted(
+        counts, key=lambda st: order.index(st) if st in order else len(order)))
+    ids = ""
+    if pending:
+        more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+        ids = f"; pending ids: {', '.join(pending[:3])}{more}"
+    partial = "" if complete else " (partly: the table is damaged)"
+    return f"still readable{partial}: {told}{ids}"
 
 
 class _DbThread(threading.Thread):
@@ -176,6 +289,9 @@ class _DbThread(threading.Thread):
         self._ops: queue.Queue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None]
         self._ops = queue.Queue()
         self.ready: Future[None] = Future()
+        # Written only by this thread, read anywhere: None while the database works.
+        self.error: str | None = None
+        self._corrupt = False
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         fut: Future[T] = Future()
@@ -187,11 +303,7 @@ class _DbThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
+            conn = _open_checked(self._path)
         except Exception as e:
             self.ready.set_exception(e)
             return
@@ -214,8 +326,24 @@ class _DbThread(threading.Thread):
             self._run_group(conn, group)
         conn.close()
 
-    @staticmethod
+    def _health(self, conn: sqlite3.Connection, outcomes: list[tuple[bool, Any]],
+                changes_before: int) -> None:
+        """Track whether the database works; log only when that changes."""
+        failed = next((v for ok, v in outcomes if not ok and dbcheck.failure(v)), None)
+        if failed is not None:
+            self._corrupt = self._corrupt or dbcheck.is_corruption(failed)
+            reason = dbcheck.failure(failed)
+            if self.error is None:
+                log.error("store database failing: %s: %s; jobs answer 503 storage_unavailable"
+                          " and /readyz is not ready; stop the daemon and start it again to "
+                          "have the database checked", self._path, reason)
+            self.error = reason
+        elif self.error is not None and not self._corrupt and conn.total_changes > changes_before:
+            log.warning("store database works again: %s", self._path)
+            self.error = None
+
     def _run_group(
+        self,
         conn: sqlite3.Connection,
         group: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
     ) -> None:
@@ -226,6 +354,7 @@ class _DbThread(threading.Thread):
         if not group:
             return
         outcomes: list[tuple[bool, Any]] = []
+        changes_before = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, _ in group:
@@ -242,6 +371,7 @@ class _DbThread(threading.Thread):
             with contextlib.suppress(Exception):
                 conn.execute("ROLLBACK")
             outcomes = [(False, e)] * len(group)
+        self._health(conn, outcomes, changes_before)
         for (_, fut), (ok, value) in zip(group, outcomes, strict=True):
             if ok:
                 fut.set_result(value)
@@ -254,30 +384,34 @@ class Store:
         self.dir = directory
         self.spool_dir = directory / "spool"
         self.results_dir = directory / "results"
-        self.db_path = directory / "jobs.sqlite3"
+        self.db_path = directory / DB_FILE
         self.max_pending = max_pending
         self._db: _DbThread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> int:
         """Open (creating) the database; requeue jobs interrupted by a previous process.
-        Returns how many were requeued."""
-        for d in (self.dir, self.spool_dir, self.results_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._db = _DbThread(self.db_path)
-        self._db.start()
-        await asyncio.wrap_future(self._db.ready)
-
-        def recover(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "UPDATE jobs SET status=?, started=NULL WHERE status=?", (QUEUED, RUNNING)
-            )
-            return cur.rowcount
-
-        n = await self._call(recover)
+        Returns how many were requeued.  Raises StorageError (one line, what to do) when the
+        database is damaged, foreign or cannot be opened."""
+        try:
+            for d in (self.dir, self.spool_dir, self.results_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._db = _DbThread(self.db_path)
+            self._db.start()
+            await asyncio.wrap_future(self._db.ready)
+            n = await self._call(_recover)
+            await self._sweep_spool()
+        except Damage as e:
+            await self.close()
+            raise StorageError(await asyncio.to_thread(self._refusal, e)) from e
+        except (OSError, sqlite3.Error, StorageUnavailable) as e:  # busy, locked, no permission
+            await self.close()
+            raise StorageError(
+                f"the job database {self.db_path}: cannot open it ({e}); check the disk, the "
+                "file's owner and mode, and that no other program holds it "
+                f"(fuser {shlex.quote(str(self.db_path))})") from e
         if n:
             log.info("store recovered %d interrupted job(s) -> queued", n)
-        await self._sweep_spool()
         return n
 
     async def _sweep_spool(self) -> None:
@@ -297,6 +431,40 @@ class Store:
         if swept:
             log.info("store removed %d orphaned spool file(s)", swept)
 
+    def _refusal(self, damage: Damage) -> str:
+        """One line: the file, what is wrong, what can still be read, the exact command that
+        moves it aside (with the spool and results that belong to it)."""
+        readable = ("no job can be read from it"
+                    if damage.kind in ("empty", "not_sqlite", "orphaned")
+                    else _readable_jobs(self.db_path))
+        aside = self.dir / f"{DB_FILE}.{damage.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        moved = [*dbcheck.companions(self.db_path),  # after reading: it may have made a -shm
+                 *(d for d in (self.spool_dir, self.results_dir) if d.exists())]
+        cmd = (f"mkdir {shlex.quote(str(aside))} && mv "
+               f"{' '.join(shlex.quote(str(p)) for p in moved)} {shlex.quote(str(aside))}/")
+        if damage.kind == "orphaned":
+            todo = ("put the database back beside it (its latest commits are in it), or start "
+                    f"an empty queue by moving it aside: {cmd}")
+        elif damage.kind == "foreign":
+            todo = ("check storage.dir (is it the right directory?); to start an empty queue "
+                    f"here, move it aside: {cmd}")
+        elif damage.kind == "newer":
+            todo = f"run that newer ondemand, or start an empty queue by moving it aside: {cmd}"
+        else:
+            todo = ("to start with an empty queue, move it aside with its spooled audio "
+                    f"(keep it to salvage what is readable): {cmd}")
+        return (f"the job database {self.db_path} {damage.detail}; {readable}; the daemon will "
+                f"not start on it: {todo}")
+
+    @property
+    def healthy(self) -> bool:
+        """False while the database is failing (the reason is in `error`)."""
+        return self.error is None
+
+    @property
+    def error(self) -> str | None:
+        return self._db.error if self._db is not None else None
+
     async def close(self) -> None:
         if self._db is not None:
             self._db.stop()
@@ -306,7 +474,15 @@ class Store:
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
             raise RuntimeError("store is not open")
-        return await asyncio.wrap_future(self._db.submit(fn))
+        try:
+            return await asyncio.wrap_future(self._db.submit(fn))
+        except sqlite3.DatabaseError as e:
+            reason = dbcheck.failure(e)
+            if reason is None:
+                raise
+            raise StorageUnavailable(
+                f"the job database is failing ({reason}); nothing was changed; retry later "
+                "(the server log says what the operator must do)") from e
 
     # -- paths -----------------------------------------------------------------------------
     def audio_path(self, job_id: str) -> Path:
@@ -316,9 +492,10 @@ class Store:
         return self.results_dir / f"{job_id}.emb.npy"
 
     # -- operations ------------------------------------------------------------------------
-    async def add(self, job: Job) -> int:
+    async def add(self, job: Job, *, owner_max_pending: int = 0) -> int:
         """Insert a queued job whose audio is already spooled.  Returns its position (jobs ahead
-        of it).  Raises QueueFull when `max_pending` jobs are queued or running."""
+        of it).  Raises QueueFull when `max_pending` jobs are queued or running, TooManyPending
+        when its owner has `owner_max_pending` (0 = no limit) of them."""
         max_pending = self.max_pending
 
         def insert(conn: sqlite3.Connection) -> int:
@@ -330,22 +507,34 @@ class Store:
                     f"the queue is full ({pending} jobs pending, queue.max_pending={max_pending}); "
                     "retry later"
                 )
+            if owner_max_pending:
+                (mine,) = conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)",
+                    (job.owner, QUEUED, RUNNING)).fetchone()
+                if mine >= owner_max_pending:
+                    raise TooManyPending(
+                        f"token {job.owner!r} has {mine} jobs queued or running, its limit "
+                        f"(max_pending={owner_max_pending}); retry when one has finished")
             conn.execute(
-                "INSERT INTO jobs (id, status, key, granularity, embedding, duration_s, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, status, key, granularity, embedding, duration_s, created,"
+                " owner, callback_url, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, QUEUED, job.key, job.granularity, int(job.embedding), job.duration_s,
-                 job.created),
+                 job.created, job.owner, job.callback_url,
+                 json.dumps(job.segments) if job.segments else None),
             )
             return int(pending)
 
         return await self._call(insert)
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        """The job with its callback state; `owner` (a token name): only that owner's job,
+        another's is as unknown (404) as a job that does not exist."""
+
         def get(conn: sqlite3.Connection) -> sqlite3.Row | None:
-            return conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            return conn.execute(_SELECT_JOB, (job_id,)).fetchone()
 
         row = await self._call(get)
-        if row is None:
+        if row is None or (owner is not None and row["owner"] != owner):
             raise JobNotFound(f"no job {job_id!r} (unknown, deleted or purged)")
         return _row_to_job(row)
 
@@ -373,17 +562,22 @@ class Store:
         return [_row_to_job(r) for r in await self._call(select)]
 
     async def recent(
-        self, limit: int, *, statuses: Sequence[str] = (), before: str | None = None
+        self, limit: int, *, statuses: Sequence[str] = (), before: str | None = None,
+        owner: str | None = None,
     ) -> list[JobSummary]:
-        """The newest `limit` jobs (only `statuses` when given), newest first; `before`: only
-        jobs accepted before that job (an unknown id gives none).  Reads no result but its top."""
+        """The newest `limit` jobs (only `statuses` when given, only `owner`'s when given),
+        newest first; `before`: only jobs accepted before that job (an unknown id gives none).
+        Reads no result but its top."""
         where: list[str] = []
         args: list[str] = []
+        if owner is not None:
+            where.append("j.owner = ?")
+            args.append(owner)
         if statuses:
-            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            where.append(f"j.status IN ({','.join('?' * len(statuses))})")
             args.extend(statuses)
         if before is not None:
-            where.append("seq < (SELECT seq FROM jobs WHERE id=?)")
+            where.append("j.seq < (SELECT seq FROM jobs WHERE id=?)")
             args.append(before)
         # Positions in one pass over the pending jobs (at most queue.max_pending rows), not a
         # count per listed row: the page re-reads this while a queue drains.
@@ -473,24 +667,23 @@ class Store:
         row = await self._call(finish)
         return _row_to_job(row) if row is not None else None
 
-    async def cancel_or_delete(self, job_id: str) -> str:
-        """Cancel a queued job (-> cancelled, audio removed) or delete a finished one (row and
-        files).  Returns "cancelled" or "deleted"; a running job raises JobConflict."""
+    async def cancel_or_delete(self, job_id: str, *, owner: str | None = None) -> str:
+        """Cancel a queued or running job (-> cancelled, audio removed) or delete a finished one
+        (row and files).  Returns "cancelled" or "deleted".  A running job's result is dropped
+        when its batch returns (`finish` only moves running jobs); its batch-mates finish.
+        `owner`: only that owner's job (another's is 404).  A pending callback keeps its body."""
 
         def op(conn: sqlite3.Connection) -> str:
-            row = conn.execute("SELECT status FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
+            row = conn.execute("SELECT status, owner FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or (owner is not None and row["owner"] != owner):
                 raise JobNotFound(f"no job {job_id!r} (unknown, deleted or purged)")
-            if row["status"] == QUEUED:
+            if row["status"] in (QUEUED, RUNNING):
                 conn.execute(
                     "UPDATE jobs SET status=?, finished=? WHERE id=?",
                     (CANCELLED, time.time(), job_id),
                 )
                 return "cancelled"
-            if row["status"] == RUNNING:
-                raise JobConflict(
-                    f"job {job_id} is running and cannot be cancelled; delete it once it finished"
-                )
+            outbox.freeze(conn, (job_id,), _document)
             conn.execute("DELETE FROM jobs WHERE id=?", (job_id,))
             return "deleted"
 
@@ -508,7 +701,9 @@ class Store:
                 (older_than, *FINAL),
             ).fetchall()
             ids = [r["id"] for r in rows]
+            outbox.freeze(conn, ids, _document)
             conn.executemany("DELETE FROM jobs WHERE id=?", [(i,) for i in ids])
+            outbox.purge(conn, older_than)
             return ids
 
         ids = await self._call(purge)
@@ -517,6 +712,25 @@ class Store:
         if ids:
             log.info("store purged %d finished job(s)", len(ids))
         return len(ids)
+
+    # -- the webhook outbox and usage (daemon/outbox.py) -----------------------------------
+    async def due_deliveries(self, now: float, limit: int,
+                             exclude: Sequence[str] = ()) -> list[outbox.Delivery]:
+        """Pending deliveries due at `now` (bodies frozen), not those in `exclude`."""
+        return await self._call(lambda conn: outbox.due(conn, now, limit, tuple(exclude),
+                                                        _document))
+
+    async def next_delivery_at(self, exclude: Sequence[str] = ()) -> float | None:
+        return await self._call(lambda conn: outbox.next_due(conn, tuple(exclude)))
+
+    async def record_delivery(self, job: str, **outcome: Any) -> None:
+        """One attempt's outcome: attempts, state, last_status, last_error, next_attempt_at,
+        now (outbox.record)."""
+        await self._call(lambda conn: outbox.record(conn, job, **outcome))
+
+    async def usage(self, since: float | None = None,
+                    until: float | None = None) -> list[outbox.Usage]:
+        return await self._call(lambda conn: outbox.usage(conn, since, until))
 
     def remove_audio(self, job_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):

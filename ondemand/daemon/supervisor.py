@@ -1,10 +1,12 @@
 """The worker supervisor: the one owner of the GPU worker process and its state.
 
 A single task (`_run`) owns every piece of worker state.  Everyone else sends it a message and
-awaits the outcome: `async with supervisor.lease(trigger) as lease: await lease.infer(...)`,
-`await supervisor.load(trigger, hold_s=...)`, `await supervisor.unload(...)`.  Pipe lines, process
-exits and timers arrive as messages in the same queue, so no state is ever changed from two places
-(llama-swap raced until it moved to exactly this).
+awaits the outcome: `async with supervisor.lease(trigger) as lease: await lease.infer(op)`,
+`await supervisor.load(trigger, hold_s=...)`, `await supervisor.unload(...)`.  Worker events,
+process exits and timers arrive as messages in the same queue, so no state is ever changed from
+two places (llama-swap raced until it moved to exactly this).  The process itself (spawn, pipes,
+the steps of a stop, exit classification) is `process.WorkerProcess`; what crosses its pipe is
+`ondemand.protocol`.
 
 States and transitions (TRANSITIONS below is checked by `_set_state`):
 
@@ -18,6 +20,15 @@ re-checked when it fires (LocalAI #5221, llama.cpp #28698: never unload under a 
 Idle ladder: `unload_after_s` drops the model but keeps the process (cheap reactivation);
 `exit_after_s` ends the process, the only way to free the CUDA context.  0 = at once, -1 = never.
 Holds (`load(hold_s=...)`) suspend both while active; overlapping holds merge.
+
+Liveness of a busy worker (issue 10: a SIGSTOPped worker held a batch for minutes, the queue grew,
+/readyz said ready and nothing was logged).  While a batch is in flight two timers run: HEARTBEAT
+(re-armed by every `heartbeat` the worker sends from its own thread; silent for
+`heartbeat_timeout_s` = hung) and BATCH_DEADLINE (max(batch_deadline_min_s, factor x the
+batch's audio seconds / the slowest recent speed) = stuck).  Either SIGKILLs the worker (a
+stopped process cannot handle SIGTERM), so its batch fails as a crash (the dispatcher retries
+it, attempts counted) and the next lease starts a fresh worker.  `status().stalled_s` shows
+missed beats while they last; `unready_reason()` turns /readyz 503.
 """
 
 from __future__ import annotations
@@ -25,64 +36,51 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
-import json
 import logging
-import os
-import shlex
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from ondemand import protocol
 from ondemand.config import ModelConfig, WorkerConfig
-from ondemand.daemon.events import EventBus, ModelLoaded, StateChanged, WorkerActivity, WorkerExited
-from ondemand.errors import OndemandError
-from ondemand.gpu import GpuProbe, gpu_index
+from ondemand.daemon.events import (
+    EventBus,
+    JobProgress,
+    ModelLoaded,
+    StateChanged,
+    WorkerActivity,
+    WorkerExited,
+)
+from ondemand.daemon.process import (
+    ExitKind,
+    Spawn,
+    WorkerProcess,
+    default_command,
+    make_spawn,
+    worker_env,
+)
+from ondemand.daemon.timers import Fired, Timers
+from ondemand.daemon.worker_status import (
+    ExitRecord,
+    LoadRecord,
+    WarmBecause,
+    WorkerState,
+    WorkerStatus,
+)
+from ondemand.errors import LoadFailed, WorkerCrashed, WorkerUnavailable, from_code
+from ondemand.gpu import GpuProbe
+
+# Also the import path of WorkerState, Spawn, make_spawn and worker_env for app.py, tests, bench.
+__all__ = ["TRANSITIONS", "Lease", "Spawn", "Supervisor", "TimerKind", "WorkerState",
+           "WorkerStatus", "make_spawn", "worker_env"]
 
 log = logging.getLogger(__name__)
 
-STREAM_LIMIT = 16 * 1024 * 1024  # longest protocol line we accept from the worker
 RELEASE_POLL_S = 0.25  # NVML poll period while waiting for GPU memory to come back (Ollama)
-
-
-class WorkerUnavailable(OndemandError):
-    """The worker cannot take work now (backing off after load failures, shutting down)."""
-
-    code = "worker_unavailable"
-
-    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float = 5.0):
-        super().__init__(message, code=code)
-        self.retry_after_s = retry_after_s
-
-
-class LoadFailed(WorkerUnavailable):
-    code = "load_failed"
-
-
-class WorkerCrashed(OndemandError):
-    """The worker process ended while a batch was in flight; its jobs may be retried."""
-
-    code = "worker_crashed"
-
-
-class BatchFailed(OndemandError):
-    """The worker answered `batch_failed` (code `out_of_memory`: retry smaller)."""
-
-    code = "batch_failed"
-
-
-class WorkerState(enum.StrEnum):
-    COLD = "cold"  # no process
-    STARTING = "starting"  # process spawned, waiting for its hello
-    LOADING = "loading"  # load sent, waiting for loaded
-    READY = "ready"  # model loaded; batches may run
-    UNLOADING = "unloading"  # unload sent
-    UNLOADED = "unloaded"  # process alive without a model
-    STOPPING = "stopping"  # asked to exit (escalates to SIGKILL), or waiting for GPU memory
-    BACKOFF = "backoff"  # no process; repeated load failures; loads refused until a deadline
+SPEED_SAMPLES = 20  # recent batches whose slowest speed sets the batch deadline
 
 
 S = WorkerState
@@ -96,45 +94,19 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     S.STOPPING: frozenset({S.COLD, S.BACKOFF}),
     S.BACKOFF: frozenset({S.COLD}),
 }
-ALIVE = frozenset({S.STARTING, S.LOADING, S.READY, S.UNLOADING, S.UNLOADED, S.STOPPING})
 
 
-def held_gpu_mb(probe: GpuProbe | None, pid: int, device: str) -> float | None:
-    """GPU memory `pid` holds in MiB (0 when none), None when the probe cannot tell."""
-    index = gpu_index(device)
-    if probe is None or probe.fallback or index is None:
-        return None
-    held = probe.sample([pid], index).pids_gpu_memory_bytes
-    return None if held is None else held / 2**20
+class TimerKind(enum.Enum):
+    IDLE = "idle"  # the idle ladder's next step (unload or exit)
+    LOAD_DEADLINE = "load_deadline"  # worker.load_timeout_s from the load request
+    STOP_DEADLINE = "stop_deadline"  # worker.stop_timeout_s from asking it to exit to SIGKILL
+    BACKOFF_END = "backoff_end"  # loads are refused until then
+    RELEASE_POLL = "release_poll"  # the next look at GPU memory a dead worker still holds
+    HEARTBEAT = "heartbeat"  # worker.heartbeat_timeout_s after the last sign of life on a batch
+    BATCH_DEADLINE = "batch_deadline"  # the earliest deadline of the batches in flight
 
 
-Spawn = Callable[[], Awaitable[asyncio.subprocess.Process]]
-
-
-def default_command(worker: WorkerConfig) -> list[str]:
-    """`worker.command` split shell-style, else a fresh interpreter running ondemand.worker."""
-    if worker.command:
-        return shlex.split(worker.command)
-    return [sys.executable, "-m", "ondemand.worker"]
-
-
-def make_spawn(command: list[str], env: dict[str, str] | None = None) -> Spawn:
-    async def spawn() -> asyncio.subprocess.Process:
-        # A fresh interpreter, never a fork: CUDA state must not be inherited.
-        return await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            limit=STREAM_LIMIT,
-            env=env,
-            start_new_session=True,  # a Ctrl-C at the terminal goes to the daemon, not the GPU
-        )
-
-    return spawn
-
-
-# -- messages to the owner task -----------------------------------------------------------
+# -- messages to the owner task ----------------------------------------------------------------
 @dataclass
 class _Acquire:
     trigger: str
@@ -162,14 +134,26 @@ class _Unload:
 
 @dataclass
 class _Infer:
-    request: dict[str, Any]
-    fut: asyncio.Future[dict[str, Any]]
+    op: protocol.Infer
+    fut: asyncio.Future[protocol.Result]
+    audio_s: float  # the batch's audio seconds (its deadline follows them)
 
 
 @dataclass
-class _Line:
+class _Batch:
+    """A batch in flight on the worker."""
+
+    op: protocol.Infer
+    fut: asyncio.Future[protocol.Result]
+    audio_s: float
+    sent: float  # on the supervisor's clock
+    deadline: float
+
+
+@dataclass
+class _FromWorker:
     pid: int
-    msg: dict[str, Any]
+    event: protocol.Event
 
 
 @dataclass
@@ -179,26 +163,8 @@ class _Exited:
 
 
 @dataclass
-class _Timer:
-    kind: str  # idle | load_deadline | stop_deadline | backoff_end | release_poll
-    gen: int
-
-
-@dataclass
 class _Shutdown:
     fut: asyncio.Future[None]
-
-
-@dataclass
-class _Proc:
-    proc: asyncio.subprocess.Process
-    pid: int
-    stderr_tail: collections.deque[str] = field(
-        default_factory=lambda: collections.deque(maxlen=20)
-    )
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    stop_reason: str = ""  # why we asked it to stop ("" = we did not)
-    killed: bool = False  # we sent SIGKILL
 
 
 class Lease:
@@ -207,12 +173,12 @@ class Lease:
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
 
-    async def infer(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send an `infer` op (see docs/design.md) and return the worker's `result` event
-        (`results`, `seconds`).  Raises WorkerCrashed when the worker dies under it,
-        BatchFailed on `batch_failed`."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._sup._post(_Infer(request, fut))
+    async def infer(self, op: protocol.Infer, *, audio_s: float = 0.0) -> protocol.Result:
+        """Run one batch (`audio_s` seconds of audio: its deadline) on the worker.  Raises
+        WorkerCrashed when the worker dies under it (also when it is killed as hung or past the
+        deadline), and the error the worker named (errors.from_code) on BatchFailed."""
+        fut: asyncio.Future[protocol.Result] = asyncio.get_running_loop().create_future()
+        self._sup._post(_Infer(op, fut, audio_s))
         return await fut
 
 
@@ -235,39 +201,44 @@ class Supervisor:
         self._clock = clock
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._timers: Timers[TimerKind] = Timers(self._post, clock)
 
         self.state = S.COLD
-        self._proc: _Proc | None = None
+        self._proc: WorkerProcess | None = None
         self._trigger = ""  # what asked for the current load
-        self._reason = ""
+        self._unload_reason = ""
         self._inflight = 0
         self._waiters: list[_Acquire | _Load] = []
-        self._batches: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._last_beat = 0.0  # the last sign of life of the worker on a batch (clock)
+        self._speeds: collections.deque[float] = collections.deque(maxlen=SPEED_SAMPLES)
+        self.last_exit: ExitRecord | None = None
         self._last_used = clock()
         self._hold_until = 0.0
         self._hold_trigger = ""
         self._pending_unload: _Unload | None = None
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._gens: dict[str, int] = collections.defaultdict(int)
-        self._deadlines: dict[str, float] = {}
         self._load_started = 0.0
         self._load_fresh = False
+        self._hello_s = 0.0
         self._failures = 0
-        self._last_error: dict[str, str] | None = None
-        self._backoff_until = 0.0
+        self._last_error: protocol.ErrorInfo | None = None
         self._release_deadline = 0.0
         self._shutdown: _Shutdown | None = None
         self.device = worker.device
         self.dtype = worker.dtype
         self.last_load_s: float | None = None
-        self.last_load: dict[str, Any] | None = None  # breakdown of the last load
-        self._hello_s = 0.0
+        self.last_load: LoadRecord | None = None
         self.loads = 0
         self.spawns = 0
 
     # -- public API (any task) ------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="supervisor")
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The owner task (watched by the app's TaskGuard)."""
+        return self._task
 
     async def close(self) -> None:
         """Stop the worker (ask, wait, SIGKILL, reap) and end the owner task.  Idempotent."""
@@ -309,7 +280,7 @@ class Supervisor:
         self._post(_Unload(trigger, exit, fut))
         await fut
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         now = self._clock()
         proc = self._proc
         unload_in = exit_in = None
@@ -319,34 +290,55 @@ class Supervisor:
                 unload_in = max(0.0, unload_at - now)
             if exit_at is not None:
                 exit_in = max(0.0, exit_at - now)
-        gpu_mb = held_gpu_mb(self._gpu, proc.pid, self.device) if proc else None
-        return {
-            "state": self.state.value,
-            "pid": proc.pid if proc else None,
-            "device": self.device,
-            "dtype": self.dtype,
-            "model": self.model.spec,
-            "trigger": self._trigger or None,
-            "in_flight": self._inflight,
-            "last_load_s": self.last_load_s,
-            "last_load": self.last_load,
-            "loads": self.loads,
-            "spawns": self.spawns,
-            "unload_in_s": unload_in,
-            "exit_in_s": exit_in,
-            "hold_s": max(0.0, self._hold_until - now) if self._hold_until > now else None,
-            "hold_trigger": (self._hold_trigger or None) if self._hold_until > now else None,
-            # why a ready worker stays loaded: in_flight, hold (see hold_trigger) or idle_timeout
-            "warm_because": self._warm_because(now),
-            "load_failures": self._failures,
-            "last_error": self._last_error,
-            "backoff_s": (
-                max(0.0, self._backoff_until - now) if self.state is S.BACKOFF else None
-            ),
-            "gpu_memory_mb": gpu_mb,
-        }
+        held = self._hold_until > now
+        batch_s = deadline_s = None
+        if self._batches:
+            batch_s = now - min(b.sent for b in self._batches.values())
+            deadline_s = max(0.0, min(b.deadline for b in self._batches.values()) - now)
+        return WorkerStatus(
+            state=self.state, pid=proc.pid if proc else None, device=self.device,
+            dtype=self.dtype, model=self.model.spec, trigger=self._trigger or None,
+            in_flight=self._inflight, last_load_s=self.last_load_s, last_load=self.last_load,
+            loads=self.loads, spawns=self.spawns, unload_in_s=unload_in, exit_in_s=exit_in,
+            hold_s=self._hold_until - now if held else None,
+            hold_trigger=(self._hold_trigger or None) if held else None,
+            warm_because=self._warm_because(now), load_failures=self._failures,
+            last_error=self._last_error,
+            backoff_s=self._timers.left(TimerKind.BACKOFF_END) if self.state is S.BACKOFF else None,
+            gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.device) if proc else None,
+            batch_s=batch_s, batch_deadline_s=deadline_s, stalled_s=self._stalled_s(now),
+            last_exit=self.last_exit,
+        )
 
-    def _warm_because(self, now: float) -> str | None:
+    def _stalled_s(self, now: float) -> float | None:
+        """Seconds since the last heartbeat once two were missed (a batch in flight), else None."""
+        if not self._batches or self.state is not S.READY:
+            return None
+        silent = now - self._last_beat
+        return silent if silent > 2 * self.cfg.heartbeat_s else None
+
+    def unready_reason(self) -> str | None:
+        """Why the worker cannot take work now although it is up (for /readyz), else None."""
+        stalled = self._stalled_s(self._clock())
+        if stalled is not None:
+            proc = self._proc
+            return (f"worker stalled: no heartbeat for {stalled:.1f}s on a batch "
+                    f"(pid {proc.pid if proc else '-'}); it is killed after "
+                    f"worker.heartbeat_timeout_s={self.cfg.heartbeat_timeout_s:g}s")
+        proc = self._proc
+        if proc is not None and proc.killed is not None and proc.killed[0] in (
+                ExitKind.HUNG, ExitKind.BATCH_TIMEOUT):
+            return f"worker {proc.killed[0]} (pid {proc.pid}): killed, a new one follows"
+        return None
+
+    def batch_deadline_s(self, audio_s: float) -> float:
+        """How long a batch of `audio_s` seconds of audio may run: max(floor, factor x audio /
+        the slowest speed of the last SPEED_SAMPLES batches, or the default speed before any)."""
+        speed = min(self._speeds) if self._speeds else self.cfg.batch_default_speed
+        return max(self.cfg.batch_deadline_min_s,
+                   self.cfg.batch_deadline_factor * audio_s / speed)
+
+    def _warm_because(self, now: float) -> WarmBecause | None:
         if self.state is not S.READY:
             return None
         if self._inflight:
@@ -354,7 +346,8 @@ class Supervisor:
         return "hold" if self._hold_until > now else "idle_timeout"
 
     def retry_after_s(self) -> float:
-        return max(1.0, self._backoff_until - self._clock()) if self.state is S.BACKOFF else 1.0
+        left = self._timers.left(TimerKind.BACKOFF_END) if self.state is S.BACKOFF else None
+        return max(1.0, left or 0.0)
 
     # -- owner task -----------------------------------------------------------------------
     def _post(self, msg: Any) -> None:
@@ -367,9 +360,9 @@ class Supervisor:
             _Load: self._on_load,
             _Unload: self._on_unload,
             _Infer: self._on_infer,
-            _Line: self._on_line,
+            _FromWorker: self._on_event,
             _Exited: self._on_exited,
-            _Timer: self._on_timer,
+            Fired: self._on_timer,
             _Shutdown: self._on_shutdown,
         }
         while True:
@@ -380,8 +373,7 @@ class Supervisor:
                 log.exception("supervisor failed handling %s", type(msg).__name__)
                 await self._stop(force=True, reason="internal_error")
             if self._shutdown is not None and self.state in (S.COLD, S.BACKOFF):
-                for name in list(self._timers):
-                    self._cancel_timer(name)
+                self._timers.cancel()
                 if not self._shutdown.fut.done():
                     self._shutdown.fut.set_result(None)
                 return
@@ -401,43 +393,41 @@ class Supervisor:
                          device=self.device)
         )
 
-    # timers ------------------------------------------------------------------------------
-    def _arm(self, kind: str, delay: float) -> None:
-        self._cancel_timer(kind)
-        self._gens[kind] += 1
-        gen = self._gens[kind]
-        self._deadlines[kind] = self._clock() + max(0.0, delay)
-        self._timers[kind] = asyncio.get_running_loop().call_later(
-            max(0.0, delay), self._post, _Timer(kind, gen)
-        )
-
-    def _cancel_timer(self, kind: str) -> None:
-        handle = self._timers.pop(kind, None)
-        if handle is not None:
-            handle.cancel()
-        self._gens[kind] += 1  # a message already queued for it is now stale
-        self._deadlines.pop(kind, None)
-
-    async def _on_timer(self, msg: _Timer) -> None:
-        if msg.gen != self._gens[msg.kind]:
+    async def _on_timer(self, msg: Fired[TimerKind]) -> None:
+        if not self._timers.fired(msg):
             return
-        self._timers.pop(msg.kind, None)
-        if msg.kind == "idle":
-            await self._idle_expired()
-        elif msg.kind == "load_deadline" and self.state in (S.STARTING, S.LOADING):
-            self._load_failed("load_timeout", f"the model did not load within "
-                              f"worker.load_timeout_s={self.cfg.load_timeout_s:g}s")
-            await self._stop(force=True, reason="load_timeout")
-        elif msg.kind == "stop_deadline" and self._proc is not None:
-            log.warning("worker pid=%d did not exit within %gs: SIGKILL", self._proc.pid,
-                        self.cfg.stop_timeout_s)
-            self._kill(self._proc)
-        elif msg.kind == "backoff_end" and self.state is S.BACKOFF:
-            self._set_state(S.COLD, "backoff_over")
-            if self._waiters:
-                await self._begin_load(self._waiters[0].trigger)
-        elif msg.kind == "release_poll":
-            self._poll_release()
+        match msg.kind:
+            case TimerKind.IDLE:
+                await self._idle_expired()
+            case TimerKind.LOAD_DEADLINE if self.state in (S.STARTING, S.LOADING):
+                self._load_failed(ExitKind.LOAD_TIMEOUT, "the model did not load within "
+                                  f"worker.load_timeout_s={self.cfg.load_timeout_s:g}s")
+                await self._stop(force=True, reason=ExitKind.LOAD_TIMEOUT)
+            case TimerKind.STOP_DEADLINE if self._proc is not None:
+                log.warning("worker pid=%d did not exit within %gs: SIGKILL", self._proc.pid,
+                            self.cfg.stop_timeout_s)
+                self._proc.kill()
+            case TimerKind.BACKOFF_END if self.state is S.BACKOFF:
+                self._set_state(S.COLD, "backoff_over")
+                if self._waiters:
+                    await self._begin_load(self._waiters[0].trigger)
+            case TimerKind.RELEASE_POLL:
+                self._poll_release()
+            case TimerKind.HEARTBEAT if self._batches:
+                silent = self._clock() - self._last_beat
+                self._kill_stuck(ExitKind.HUNG, next(iter(self._batches.values())),
+                                 f"no heartbeat for {silent:.1f}s (worker.heartbeat_timeout_s="
+                                 f"{self.cfg.heartbeat_timeout_s:g})")
+            case TimerKind.BATCH_DEADLINE if self._batches:
+                now = self._clock()
+                late = min(self._batches.values(), key=lambda b: b.deadline)
+                if late.deadline > now + 1e-3:
+                    self._arm_liveness()  # a batch ended meanwhile
+                    return
+                self._kill_stuck(ExitKind.BATCH_TIMEOUT, late,
+                                 f"ran {now - late.sent:.1f}s, past its deadline of "
+                                 f"{late.deadline - late.sent:.1f}s ({late.audio_s:.1f}s of "
+                                 "audio; worker.batch_deadline_*)")
 
     # requests ----------------------------------------------------------------------------
     async def _on_acquire(self, msg: _Acquire) -> None:
@@ -454,7 +444,7 @@ class Supervisor:
 
     def _grant(self, msg: _Acquire) -> None:
         self._inflight += 1
-        self._cancel_timer("idle")
+        self._timers.cancel(TimerKind.IDLE)
         if self._inflight == 1:
             self._activity()
         msg.fut.set_result(None)
@@ -471,13 +461,11 @@ class Supervisor:
         if self._shutdown is not None:
             err = WorkerUnavailable("the daemon is shutting down", retry_after_s=5)
         elif self.state is S.BACKOFF:
-            last = self._last_error or {}
+            last = self._last_error
+            why = f" ({last.code}: {last.message})" if last else ""
             wait = self.retry_after_s()
-            err = LoadFailed(
-                f"the model failed to load {self._failures} times in a row "
-                f"({last.get('code')}: {last.get('message')}); next attempt in {wait:.0f}s",
-                retry_after_s=wait,
-            )
+            err = LoadFailed(f"the model failed to load {self._failures} times in a row{why}; "
+                             f"next attempt in {wait:.0f}s", retry_after_s=wait)
         if err is None:
             return False
         if msg.fut is not None and not msg.fut.done():
@@ -520,13 +508,8 @@ class Supervisor:
             self._waiters.append(msg)  # load again once the process settles
 
     async def _on_unload(self, msg: _Unload) -> None:
-        try:
-            await self._unload(msg)
-        finally:
-            if msg.fut is not None and not msg.fut.done():
-                msg.fut.set_result(None)
-
-    async def _unload(self, msg: _Unload) -> None:
+        if msg.fut is not None and not msg.fut.done():
+            msg.fut.set_result(None)  # taken in; the unload itself may wait for in-flight work
         had_hold = bool(self._hold_trigger)
         self._hold_until, self._hold_trigger = 0.0, ""
         if had_hold:
@@ -536,7 +519,7 @@ class Supervisor:
             log.info("worker unload requested trigger=%s: after %d in-flight", msg.trigger,
                      self._inflight)
             return
-        self._cancel_timer("idle")
+        self._timers.cancel(TimerKind.IDLE)
         if msg.exit and self.state in (S.STARTING, S.LOADING, S.READY, S.UNLOADING, S.UNLOADED):
             self._fail_waiters(WorkerUnavailable("the worker was stopped on request"))
             await self._stop(force=False, reason="unload_exit", trigger=msg.trigger)
@@ -548,62 +531,104 @@ class Supervisor:
         if self.state is not S.READY or proc is None:
             msg.fut.set_exception(WorkerCrashed(f"the worker is {self.state}, not ready"))
             return
-        batch = str(msg.request["batch"])
-        self._batches[batch] = msg.fut
-        await self._send(proc, {"op": "infer", **msg.request})
+        now = self._clock()
+        op = dataclasses.replace(msg.op, heartbeat_s=self.cfg.heartbeat_s)
+        self._batches[op.batch] = _Batch(op, msg.fut, msg.audio_s, now,
+                                         now + self.batch_deadline_s(msg.audio_s))
+        self._last_beat = now
+        self._arm_liveness()
+        await proc.send(op)
 
-    # worker output -----------------------------------------------------------------------
-    async def _on_line(self, msg: _Line) -> None:
+    def _arm_liveness(self) -> None:
+        """HEARTBEAT and BATCH_DEADLINE while a batch is in flight; neither when none is."""
+        if not self._batches:
+            self._timers.cancel(TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
+            return
+        now = self._clock()
+        self._timers.arm(TimerKind.HEARTBEAT,
+                         self._last_beat + self.cfg.heartbeat_timeout_s - now)
+        self._timers.arm(TimerKind.BATCH_DEADLINE,
+                         min(b.deadline for b in self._batches.values()) - now)
+
+    def _kill_stuck(self, kind: ExitKind, batch: _Batch, why: str) -> None:
+        """SIGKILL a hung or stuck worker; its exit fails the batch as a crash (retried)."""
+        proc = self._proc
+        self._timers.cancel(TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
+        if proc is None:
+            return
+        log.warning("worker pid=%d %s: batch %s (%d jobs, %.1fs of audio) %s; SIGKILL, its jobs "
+                    "are retried", proc.pid, kind, batch.op.batch, len(batch.op.items),
+                    batch.audio_s, why)
+        proc.kill(kind, why)
+        if self.state is not S.STOPPING:
+            self._set_state(S.STOPPING, kind)
+
+    # worker events -----------------------------------------------------------------------
+    async def _on_event(self, msg: _FromWorker) -> None:
         proc = self._proc
         if proc is None or msg.pid != proc.pid:
-            return
-        event = msg.msg.get("event")
-        if event == "hello" and self.state is S.STARTING:
-            self._hello_s = self._clock() - self._load_started
-            self._set_state(S.LOADING, "spawned")
-            await self._send_load(proc)
-        elif event == "loaded" and self.state is S.LOADING:
-            self._on_loaded(msg.msg)
-        elif event == "load_failed" and self.state is S.LOADING:
-            self._load_failed(str(msg.msg.get("code", "load_failed")),
-                              str(msg.msg.get("message", "")))
-            await self._stop(force=False, reason="load_failed")
-        elif event == "unloaded" and self.state is S.UNLOADING:
-            self._set_state(S.UNLOADED, self._reason)
-            if self._waiters:
-                await self._begin_load(self._waiters[0].trigger)
-            else:
-                self._arm_idle()
-        elif event in ("result", "batch_failed"):
-            fut = self._batches.pop(str(msg.msg.get("batch")), None)
-            if fut is None or fut.done():
-                return
-            if event == "result":
-                fut.set_result(msg.msg)
-            else:
-                fut.set_exception(BatchFailed(str(msg.msg.get("message", "")),
-                                              code=str(msg.msg.get("code", "batch_failed"))))
-        else:
-            log.warning("worker pid=%d unexpected %s in state %s", proc.pid, event, self.state)
+            return  # from a process we already gave up on
+        match msg.event:
+            case protocol.Hello() if self.state is S.STARTING:
+                self._hello_s = self._clock() - self._load_started
+                self._set_state(S.LOADING, "spawned")
+                await self._send_load(proc)
+            case protocol.Loaded() as ev if self.state is S.LOADING:
+                self._on_loaded(ev)
+            case protocol.LoadFailed(code=code, message=message) if self.state is S.LOADING:
+                self._load_failed(code, message)
+                await self._stop(force=False, reason=ExitKind.LOAD_FAILED)
+            case protocol.Unloaded() if self.state is S.UNLOADING:
+                self._set_state(S.UNLOADED, self._unload_reason)
+                if self._waiters:
+                    await self._begin_load(self._waiters[0].trigger)
+                else:
+                    self._arm_idle()
+            case protocol.Heartbeat(batch=batch) if batch in self._batches:
+                self._last_beat = self._clock()
+                self._arm_liveness()
+            case protocol.Heartbeat():
+                pass  # a beat that crossed its batch's answer
+            case protocol.Progress(batch=batch) as ev:  # issue 12: a segmented job's progress
+                if batch in self._batches:
+                    self.bus.publish(JobProgress(job=ev.job, done_s=ev.done_s,
+                                                 total_s=ev.total_s))
+            case protocol.Result() | protocol.BatchFailed() as ev:
+                running = self._batches.pop(ev.batch, None)
+                self._last_beat = self._clock()
+                self._arm_liveness()
+                if running is None:
+                    return
+                if isinstance(ev, protocol.Result) and running.audio_s > 0 and ev.seconds > 0:
+                    self._speeds.append(running.audio_s / ev.seconds)
+                fut = running.fut
+                if fut.done():
+                    return  # its caller was cancelled
+                if isinstance(ev, protocol.Result):
+                    fut.set_result(ev)
+                else:
+                    fut.set_exception(from_code(ev.code, ev.message))
+            case ev:  # valid, but late: e.g. `loaded` after the load deadline stopped it
+                log.warning("worker pid=%d %s in state %s: ignored", proc.pid, ev.TAG,
+                            self.state)
 
-    def _on_loaded(self, m: dict[str, Any]) -> None:
-        self._cancel_timer("load_deadline")
+    def _on_loaded(self, ev: protocol.Loaded) -> None:
+        self._timers.cancel(TimerKind.LOAD_DEADLINE)
         seconds = self._clock() - self._load_started
         self.last_load_s = seconds
-        self.last_load = {"seconds": round(seconds, 6), "fresh_process": self._load_fresh,
-                          "trigger": self._trigger,
-                          "interpreter_s": round(self._hello_s, 6) if self._load_fresh else 0.0,
-                          "worker_s": m.get("seconds"), **dict(m.get("timings") or {})}
+        self.last_load = LoadRecord(
+            seconds=seconds, fresh_process=self._load_fresh, trigger=self._trigger,
+            interpreter_s=self._hello_s if self._load_fresh else 0.0, worker_s=ev.seconds,
+            timings=ev.timings)
         self.loads += 1
         self._failures = 0
         self._last_error = None
-        self.device = str(m.get("device", self.device))
-        self.dtype = str(m.get("dtype", self.dtype))
+        self.device, self.dtype = ev.device, ev.dtype
         self._set_state(S.READY, "loaded")
         pid = self._proc.pid if self._proc else None
         self.bus.publish(ModelLoaded(seconds=seconds, trigger=self._trigger, pid=pid,
                                      device=self.device, fresh_process=self._load_fresh,
-                                     timings=dict(m.get("timings") or {})))
+                                     timings=dict(ev.timings)))
         self._last_used = self._clock()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
@@ -621,22 +646,22 @@ class Supervisor:
         if proc is None or msg.pid != proc.pid:
             return
         rc = msg.returncode
-        kind, detail = self._classify(proc, rc)
-        log.log(logging.INFO if kind == "exited" else logging.WARNING,
+        kind, detail = proc.classify(rc)
+        log.log(logging.INFO if kind is ExitKind.EXITED else logging.WARNING,
                 "worker pid=%d exit kind=%s rc=%s %s", proc.pid, kind, rc, detail)
         self.bus.publish(WorkerExited(pid=proc.pid, returncode=rc, kind=kind, detail=detail))
-        for t in proc.tasks:
-            t.cancel()
-        self._cancel_timer("stop_deadline")
-        self._cancel_timer("load_deadline")
-        self._cancel_timer("idle")
+        if kind is not ExitKind.EXITED:
+            self.last_exit = ExitRecord(pid=proc.pid, kind=kind.value, detail=detail)
+        proc.close()
+        self._timers.cancel(TimerKind.STOP_DEADLINE, TimerKind.LOAD_DEADLINE, TimerKind.IDLE,
+                            TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
         crash = WorkerCrashed(f"the worker {kind} ({detail})")
-        for fut in self._batches.values():
-            if not fut.done():
-                fut.set_exception(crash)
+        for running in self._batches.values():
+            if not running.fut.done():
+                running.fut.set_exception(crash)
         self._batches.clear()
         if self.state in (S.STARTING, S.LOADING):
-            self._load_failed(kind if kind != "crashed" else "exited_during_load",
+            self._load_failed("exited_during_load" if kind is ExitKind.CRASHED else kind,
                               f"the worker exited during load ({detail})")
         if self.state is not S.STOPPING:
             self._set_state(S.STOPPING, kind)
@@ -647,9 +672,9 @@ class Supervisor:
     def _poll_release(self) -> None:
         proc = self._proc
         assert proc is not None
-        held = held_gpu_mb(self._gpu, proc.pid, self.device)
+        held = proc.held_gpu_mb(self._gpu, self.device)
         if held and self._clock() < self._release_deadline:
-            self._arm("release_poll", RELEASE_POLL_S)
+            self._timers.arm(TimerKind.RELEASE_POLL, RELEASE_POLL_S)
             return
         if held:
             log.warning("worker pid=%d: %.0f MiB still held %.1fs after exit", proc.pid, held,
@@ -661,20 +686,16 @@ class Supervisor:
         """The process is gone: cold, or backoff after too many load failures."""
         if self._failures >= self.cfg.max_load_failures and self._shutdown is None:
             over = self._failures - self.cfg.max_load_failures
-            wait = min(self.cfg.load_backoff_s * (2**over), 3600.0)
-            self._backoff_until = self._clock() + wait
+            self._timers.arm(TimerKind.BACKOFF_END,
+                             min(self.cfg.load_backoff_s * (2**over), 3600.0))
             self._set_state(S.BACKOFF, "load_failures")
-            self._arm("backoff_end", wait)
-            self._fail_waiters_backoff()
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                self._refuse(w)
             return
         self._set_state(S.COLD, "exited")
         if self._waiters and self._shutdown is None:
             self._post(_Load(self._waiters[0].trigger, 0.0, None))
-
-    def _fail_waiters_backoff(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            self._refuse(w)
 
     def _fail_waiters(self, err: Exception) -> None:
         waiters, self._waiters = self._waiters, []
@@ -682,24 +703,9 @@ class Supervisor:
             if w.fut is not None and not w.fut.done():
                 w.fut.set_exception(err)
 
-    def _classify(self, proc: _Proc, rc: int | None) -> tuple[str, str]:
-        tail = " | ".join(list(proc.stderr_tail)[-3:])
-        if rc is None:
-            return "crashed", "no exit status"
-        what = f"rc={rc}" if rc >= 0 else f"signal {_signame(-rc)}"
-        if proc.killed:
-            return "stop_escalated", f"{what} after worker.stop_timeout_s"
-        if proc.stop_reason in ("load_failed", "load_timeout"):
-            return proc.stop_reason, what
-        if proc.stop_reason and rc in (0, -signal.SIGTERM):
-            return "exited", f"{what} ({proc.stop_reason})"
-        if rc == -signal.SIGKILL:
-            return "killed", f"{what}: killed from outside, possibly by the out-of-memory killer"
-        return "crashed", f"{what}{': ' + tail if tail else ''}"
-
     def _load_failed(self, code: str, message: str) -> None:
         self._failures += 1
-        self._last_error = {"code": code, "message": message}
+        self._last_error = protocol.ErrorInfo(code, message)
         log.warning("worker load failed (%d in a row) code=%s: %s", self._failures, code, message)
         retry = self._failures < self.cfg.max_load_failures
         err = LoadFailed(f"the model failed to load ({code}): {message}",
@@ -717,7 +723,7 @@ class Supervisor:
     async def _begin_load(self, trigger: str) -> None:
         self._trigger = trigger
         self._load_started = self._clock()
-        self._arm("load_deadline", self.cfg.load_timeout_s)
+        self._timers.arm(TimerKind.LOAD_DEADLINE, self.cfg.load_timeout_s)
         if self.state is S.UNLOADED and self._proc is not None:
             self._load_fresh = False
             self._set_state(S.LOADING, "reload", trigger)
@@ -727,95 +733,41 @@ class Supervisor:
         try:
             proc = await self._spawn()
         except OSError as e:
-            self._cancel_timer("load_deadline")
+            self._timers.cancel(TimerKind.LOAD_DEADLINE)
             self._failures += 1
-            self._last_error = {"code": "spawn_failed", "message": str(e)}
+            self._last_error = protocol.ErrorInfo("spawn_failed", str(e))
             self._fail_waiters(LoadFailed(f"cannot start the worker: {e}"))
             return
         self.spawns += 1
-        handle = _Proc(proc=proc, pid=proc.pid)
-        handle.tasks = [
-            asyncio.create_task(self._read_stdout(handle), name=f"worker-{proc.pid}-stdout"),
-            asyncio.create_task(self._read_stderr(handle), name=f"worker-{proc.pid}-stderr"),
-        ]
-        self._proc = handle
+        self._proc = WorkerProcess(
+            proc,
+            on_event=lambda wp, event: self._post(_FromWorker(wp.pid, event)),
+            on_exit=lambda wp, rc: self._post(_Exited(wp.pid, rc)),
+        )
         self._set_state(S.STARTING, "job" if trigger.startswith("job") else "load", trigger)
 
-    async def _send_load(self, proc: _Proc) -> None:
+    async def _send_load(self, proc: WorkerProcess) -> None:
         m = self.model
-        await self._send(proc, {"op": "load", "model": m.spec, "revision": m.revision,
-                                "cache_dir": m.cache_dir, "device": self.cfg.device,
-                                "dtype": self.cfg.dtype})
+        await proc.send(protocol.Load(model=m.spec, revision=m.revision, cache_dir=m.cache_dir,
+                                      device=self.cfg.device, dtype=self.cfg.dtype))
 
     async def _send_unload(self, trigger: str) -> None:
         assert self._proc is not None
-        self._reason = "idle_unload" if trigger == "idle" else "unload"
-        self._set_state(S.UNLOADING, self._reason, trigger)
-        await self._send(self._proc, {"op": "unload"})
-
-    async def _send(self, proc: _Proc, obj: dict[str, Any]) -> None:
-        stdin = proc.proc.stdin
-        if stdin is None or stdin.is_closing():
-            return  # it is exiting; the exit message follows
-        stdin.write((json.dumps(obj) + "\n").encode())
-        with contextlib.suppress(ConnectionError):
-            await stdin.drain()
+        self._unload_reason = "idle_unload" if trigger == "idle" else "unload"
+        self._set_state(S.UNLOADING, self._unload_reason, trigger)
+        await self._proc.send(protocol.Unload())
 
     async def _stop(self, *, force: bool, reason: str, trigger: str | None = None) -> None:
-        """Ask the worker to exit (force: SIGTERM as well), SIGKILL after stop_timeout_s;
-        the reader reaps it and posts _Exited."""
+        """Ask the worker to exit (force: SIGTERM as well), SIGKILL at the stop deadline;
+        its reader reaps it and posts _Exited."""
         proc = self._proc
         if proc is None:
             return
         if self.state is not S.STOPPING:
             self._set_state(S.STOPPING, reason, trigger)
-        if proc.stop_reason:
-            return
-        proc.stop_reason = reason
-        self._cancel_timer("idle")
-        await self._send(proc, {"op": "exit"})
-        stdin = proc.proc.stdin
-        if stdin is not None:
-            stdin.close()
-        if force and proc.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.proc.send_signal(signal.SIGTERM)
-        self._arm("stop_deadline", self.cfg.stop_timeout_s)
-
-    def _kill(self, proc: _Proc) -> None:
-        proc.killed = True
-        with contextlib.suppress(ProcessLookupError):
-            proc.proc.kill()
-
-    async def _read_stdout(self, handle: _Proc) -> None:
-        stream = handle.proc.stdout
-        assert stream is not None
-        try:
-            while True:
-                line = await stream.readline()
-                if not line:
-                    break
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    log.warning("worker pid=%d wrote a non-JSON line: %.200r", handle.pid, line)
-                    continue
-                if isinstance(msg, dict):
-                    self._post(_Line(handle.pid, msg))
-        except (ValueError, ConnectionError) as e:  # over-long line, broken pipe
-            log.warning("worker pid=%d stdout unreadable (%s): stopping it", handle.pid, e)
-            self._kill(handle)
-        rc = await handle.proc.wait()
-        self._post(_Exited(handle.pid, rc))
-
-    async def _read_stderr(self, handle: _Proc) -> None:
-        stream = handle.proc.stderr
-        assert stream is not None
-        with contextlib.suppress(ValueError, ConnectionError):
-            async for raw in stream:
-                line = raw.decode(errors="replace").rstrip()
-                handle.stderr_tail.append(line)
-                log.info("worker[%d] %s", handle.pid, line)
+        self._timers.cancel(TimerKind.IDLE)
+        if await proc.stop(reason, force=force):
+            self._timers.arm(TimerKind.STOP_DEADLINE, self.cfg.stop_timeout_s)
 
     # idle ladder ---------------------------------------------------------------------------
     def _idle_deadlines(self) -> tuple[float | None, float | None]:
@@ -831,16 +783,16 @@ class Supervisor:
 
     def _arm_idle(self) -> None:
         if self._inflight > 0 or self.state not in (S.READY, S.UNLOADED):
-            self._cancel_timer("idle")
+            self._timers.cancel(TimerKind.IDLE)
             return
         unload_at, exit_at = self._idle_deadlines()
         if self.state is S.UNLOADED:
             unload_at = None
         nxt = min((t for t in (unload_at, exit_at) if t is not None), default=None)
         if nxt is None:
-            self._cancel_timer("idle")
+            self._timers.cancel(TimerKind.IDLE)
             return
-        self._arm("idle", nxt - self._clock())
+        self._timers.arm(TimerKind.IDLE, nxt - self._clock())
 
     async def _idle_expired(self) -> None:
         if self._inflight > 0 or self.state not in (S.READY, S.UNLOADED):
@@ -862,18 +814,4 @@ class Supervisor:
             await self._stop(force=self.state in (S.STARTING, S.LOADING), reason="shutdown",
                              trigger="shutdown")
         elif self.state is S.BACKOFF:
-            self._cancel_timer("backoff_end")
-
-
-def _signame(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return str(num)
-
-
-def worker_env() -> dict[str, str]:
-    """The environment for the worker: ours, unbuffered."""
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
+            self._timers.cancel(TimerKind.BACKOFF_END)

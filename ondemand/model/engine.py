@@ -19,15 +19,21 @@ import torch.nn.functional as F
 
 from ondemand.audio import MIN_SAMPLES, SAMPLE_RATE
 from ondemand.batching import default_budget_s, plan_batches
-from ondemand.errors import AudioError, DeviceError, ModelError, OutOfMemory
+from ondemand.errors import (
+    AudioTooShort,
+    AudioUndecodable,
+    DeviceError,
+    ModelError,
+    OutOfMemory,
+)
 from ondemand.model import checkpoint
 from ondemand.model.labels import Labels, read_labels
 from ondemand.model.network import Emotion2vec
+from ondemand.protocol import GRANULARITIES
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GRANULARITIES = ("utterance", "frame")
 
 
 @dataclass(frozen=True)
@@ -286,12 +292,11 @@ class Engine:
 def _check_clip(clip: Clip) -> None:
     s = clip.samples
     if not isinstance(s, np.ndarray) or s.ndim != 1 or s.dtype != np.float32:
-        raise AudioError(f"{clip.key}: samples must be a 1-D float32 array", code="undecodable")
+        raise AudioUndecodable(f"{clip.key}: samples must be a 1-D float32 array")
     if len(s) < MIN_SAMPLES:
-        raise AudioError(
+        raise AudioTooShort(
             f"{clip.key}: {len(s)} samples is too short; at least {MIN_SAMPLES} samples "
             f"({1000 * MIN_SAMPLES // SAMPLE_RATE} ms at 16 kHz) are needed",
-            code="too_short",
         )
 
 

@@ -1,7 +1,8 @@
 """Prewarm in the daemon: the scheduler's cleanup context and `GET /v1/prewarm`.
 
-`setup(app, cfg)` (called by `build_app`) appends the prewarm context LAST in `cleanup_ctx`, so it
-starts after the supervisor and stops before it.  The scheduler never touches worker state: its
+`context(cfg)` is the scheduler component; `build_app` lists it LAST among the app's
+components, so it starts after the supervisor and stops before it.  The scheduler never touches
+worker state: its
 `start_hold` sends the supervisor `load("schedule:<name>", hold_s=...)`, the same hold mechanism as
 `POST /v1/worker/load {hold_s}` (holds merge there; idle unload/exit wait for the hold's end).
 
@@ -27,6 +28,8 @@ from ondemand.config import Config
 from ondemand.cost.ledger import LEDGER_FILE, Phase, connect, read_intervals
 from ondemand.daemon import api
 from ondemand.daemon.events import ModelLoaded
+from ondemand.daemon.http import json_response
+from ondemand.daemon.worker_status import WorkerStatus
 from ondemand.prewarm.scheduler import PrewarmScheduler, utc_now, zone_name
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,9 @@ def recent_loads(storage_dir: Path, samples: int, now: float | None = None) -> l
     return loads[-samples:]
 
 
-def setup(app: web.Application, cfg: Config) -> None:
+def context(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The prewarm scheduler as a cleanup context (needs the supervisor and the bus)."""
+
     async def prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
         sup, bus = app[api.SUPERVISOR], app[api.BUS]
         clock = app.get(CLOCK, utc_now)
@@ -79,25 +84,29 @@ def setup(app: web.Application, cfg: Config) -> None:
                      len(cfg.prewarm), sched.lead_s(), len(loads))
         sched.start()
         try:
-            yield
+            with app[api.GUARD].watching(sched.task):
+                yield
         finally:
             unsubscribe()
             await sched.close()
 
-    app.cleanup_ctx.append(prewarm_ctx)  # up after the supervisor, down before it
+    return prewarm_ctx
+
+
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/prewarm", get_prewarm)
 
 
-def holds(worker: dict[str, Any], now: datetime, sched: PrewarmScheduler) -> list[dict[str, Any]]:
+def holds(worker: WorkerStatus, now: datetime, sched: PrewarmScheduler) -> list[dict[str, Any]]:
     """The supervisor's active hold (overlapping holds are merged there into one, owned by the
     trigger whose hold ends last), with its end."""
-    left = worker.get("hold_s")
+    left = worker.hold_s
     if not left:
         return []
-    end = now + timedelta(seconds=float(left))
+    end = now + timedelta(seconds=left)
     return [{
-        "trigger": worker.get("hold_trigger"),
-        "remaining_s": round(float(left), 3),
+        "trigger": worker.hold_trigger,
+        "remaining_s": round(left, 3),
         "until": {"local": end.astimezone(sched.local_tz).isoformat(), "utc": end.isoformat()},
     }]
 
@@ -111,5 +120,6 @@ async def get_prewarm(request: web.Request) -> web.Response:
     now = sched.now()
     doc["timezone"] = zone_name(sched.local_tz)
     doc["holds"] = holds(worker, now, sched)
-    doc["worker"] = {k: worker.get(k) for k in ("state", "trigger", "warm_because")}
-    return web.json_response(doc)
+    doc["worker"] = {"state": worker.state.value, "trigger": worker.trigger,
+                     "warm_because": worker.warm_because}
+    return json_response(doc)

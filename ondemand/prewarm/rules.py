@@ -28,8 +28,7 @@ or before t" exact.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -38,6 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
+from ondemand.durations import parse_duration
 from ondemand.errors import ConfigError
 
 # Largest difference between a zone's offsets across a transition, plus slack; bounds how far
@@ -45,11 +45,6 @@ from ondemand.errors import ConfigError
 # repeated hour).  Real zones change by at most 2 h (Antarctica/Troll).
 _MAX_SHIFT = timedelta(hours=3)
 _ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
-_DURATION = re.compile(
-    r"^(?:(?P<d>\d+(?:\.\d+)?)d)?(?:(?P<h>\d+(?:\.\d+)?)h)?"
-    r"(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$"
-)
-_UNIT_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _RULE_KEYS = ("name", "cron", "hold", "timezone", "catch_up")
 
 
@@ -75,25 +70,6 @@ class PrewarmRule:
 
 
 # -- config -----------------------------------------------------------------------------------
-def parse_duration(value: object) -> float:
-    """Seconds from "9h", "30m", "90s", "1h30m", "1d", "1.5h" or a number of seconds.
-    Raises ValueError with the accepted forms."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value.strip().lower())) and any(
-        m.groupdict().values()
-    ):
-        seconds = sum(float(v) * _UNIT_S[k] for k, v in m.groupdict().items() if v)
-    else:
-        raise ValueError(
-            f'must be a duration like "9h", "30m", "90s" or "1h30m" (or seconds as a number), '
-            f"got {value!r}"
-        )
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"must be a positive duration, got {value!r}")
-    return seconds
-
-
 def check_cron(expr: str) -> str | None:
     """An error text for `expr`, or None when it is a 5-field expression that fires."""
     fields = expr.split()
@@ -254,16 +230,6 @@ def prev_fire(rule: PrewarmRule, at: datetime, local: tzinfo = UTC) -> datetime 
                 return t
     except CroniterBadDateError:
         return None
-
-
-def fires(
-    rule: PrewarmRule, start: datetime, end: datetime, local: tzinfo = UTC
-) -> Iterator[datetime]:
-    """Every fire instant in (start, end]."""
-    t = next_fire(rule, start, local)
-    while t <= end:
-        yield t
-        t = next_fire(rule, t, local)
 
 
 def window_end(rule: PrewarmRule, now: datetime, local: tzinfo = UTC) -> datetime | None:

@@ -133,12 +133,20 @@ class PrewarmScheduler:
         if self._rules:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="prewarm")
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The scheduler's task (None without rules), watched by the daemon's TaskGuard: it
+        does no I/O of its own (a failed hold is logged and the schedule goes on), so its end
+        is a bug that stops the daemon with exit status 1 instead of silently ending prewarm."""
+        return self._task
+
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._holds) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A task that died was reported by the daemon's TaskGuard: no second traceback.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
     def now(self) -> datetime:
