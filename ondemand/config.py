@@ -390,6 +390,15 @@ def build_tokens(value: Any, key: str) -> tuple[TokenConfig, ...]:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The web console at `/` and its event stream `GET /v1/events` (docs/console.md)."""
+
+    enabled: bool = True  # false: `/` answers 404 as before; the API (and /v1/events) stay
+    events_heartbeat_s: float = _setting(15.0, positive)  # comment line on an idle stream
+    events_buffer: int = _setting(1000, positive)  # recent events kept for Last-Event-ID resume
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -402,6 +411,7 @@ class Config:
     # `[[prewarm]]` tables, in file order; key paths count from 1 (`prewarm[1].cron`).
     prewarm: tuple[PrewarmRule, ...] = field(default=(), metadata={"build": build_rules})
     prewarm_lead: PrewarmLeadConfig = field(default_factory=PrewarmLeadConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     # `[[tokens]]` tables: named, scoped tokens (daemon/auth.py); `tokens[1].name` is the first.
     tokens: tuple[TokenConfig, ...] = field(default=(), metadata={"build": build_tokens})

@@ -20,6 +20,8 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_EXIT_S=0           seconds the process takes to exit after an `exit` op (or EOF on stdin);
                           with FAKE_EXIT_S > worker.stop_timeout_s the stop escalates to SIGKILL
   FAKE_LOG=PATH           append one JSON line per op: {"pid", "op", "n", "keys"}
+  FAKE_SEGMENTS=N         results carry N `segments` ({start_s, end_s, scores}), as segment-level
+                          analysis of long recordings would (the console draws them)
 """
 
 from __future__ import annotations
@@ -69,10 +71,20 @@ class FakePrediction:
         if self.nan:
             scores = [float("nan")] * len(LABELS)
         top = int(np.argmax(scores))
-        return {"key": self.key, "labels": LABELS, "scores": scores,
-                "top": {"label": LABELS[top], "score": scores[top]},
-                "frames": max(1, (self.samples - 400) // 320 + 1),
-                "duration_s": round(self.samples / 16000, 6)}
+        out: dict[str, Any] = {
+            "key": self.key, "labels": LABELS, "scores": scores,
+            "top": {"label": LABELS[top], "score": scores[top]},
+            "frames": max(1, (self.samples - 400) // 320 + 1),
+            "duration_s": round(self.samples / 16000, 6)}
+        n = int(_env("FAKE_SEGMENTS", "0"))
+        if n:
+            step = out["duration_s"] / n  # segment i peaks on label i (mod the label count)
+            out["segments"] = [
+                {"start_s": round(i * step, 6), "end_s": round((i + 1) * step, 6),
+                 "scores": [0.7 if j == i % len(LABELS) else 0.3 / (len(LABELS) - 1)
+                            for j in range(len(LABELS))]}
+                for i in range(n)]
+        return out
 
 
 class FakeBackend:

@@ -33,7 +33,7 @@ from ondemand.config import Config
 from ondemand.daemon import auth
 from ondemand.daemon.destinations import check_callback
 from ondemand.daemon.dispatcher import Dispatcher
-from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.events import EventBus, JobFinished, JobQueued
 from ondemand.daemon.guard import TaskGuard
 from ondemand.daemon.http import json_response
 from ondemand.daemon.store import (
@@ -216,6 +216,7 @@ async def submit(request: web.Request) -> tuple[Job, int]:
         # at the next start, a row without its audio would be a half job.
         store.remove_audio(job_id)
         raise
+    app[BUS].publish(JobQueued(job=job_id, position=position))
     app[DISPATCHER].wake()
     return job, position
 

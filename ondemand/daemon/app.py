@@ -11,7 +11,9 @@ list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_c
 5. webhooks (daemon/webhooks.py): the callback delivery task; stops before the store closes
    and after the dispatcher's last outcomes (an attempt cut short runs again after a restart);
 6. purge timer;
-7. prewarm scheduler (prewarm/api.py): last up, first down: no hold starts during shutdown.
+7. prewarm scheduler (prewarm/api.py): no hold starts during shutdown;
+8. event log (daemon/events_api.py, GET /v1/events): last up, first down; open streams end
+   at `on_shutdown`, before any of this.
 
 Middlewares: errors first (outermost: it renders what the others raise), then bearer tokens and
 scopes (daemon/auth.py).
@@ -34,8 +36,9 @@ from pathlib import Path
 from aiohttp import web
 
 from ondemand.config import Config
+from ondemand.console import routes as console
 from ondemand.cost import api as cost_api
-from ondemand.daemon import api, auth, listen, openapi, webhooks
+from ondemand.daemon import api, auth, events_api, jobs_api, listen, openapi, webhooks
 from ondemand.daemon import lock as storage_lock
 from ondemand.daemon.auth import check_bind
 from ondemand.daemon.dispatcher import Dispatcher
@@ -118,12 +121,16 @@ def build_app(
         webhooks.context(cfg),
         purge_ctx,
         prewarm_api.context(cfg),
+        events_api.context(cfg),
     ]
     app.cleanup_ctx.extend(components)
     api.add_routes(app)
     cost_api.add_routes(app)
     prewarm_api.add_routes(app)
     openapi.add_routes(app)
+    jobs_api.add_routes(app)
+    events_api.add_routes(app)
+    console.setup(app, cfg)  # the web page at / (no token needed for the page itself)
     return app
 
 

@@ -34,11 +34,16 @@ from ondemand.daemon.http import Handler
 from ondemand.errors import ConfigError, Forbidden, TooManyRequests, Unauthorized
 
 OPEN, ANY = "open", "any"  # no token at all; any valid token
+STATIC_PREFIX = "/console/"  # the web console's files (ondemand/console/routes.py)
 JOBS, READ, ADMIN = SCOPES
 
 # What each route needs: (method, route as registered) -> scope.  HEAD counts as GET.
 ROUTE_SCOPES: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): OPEN,
+    ("GET", "/"): OPEN,  # the console page and its static files hold no data
+    ("GET", "/console/{version}/{path}"): OPEN,
+    ("GET", "/v1/events"): READ,
+    ("GET", "/v1/jobs"): JOBS,  # a jobs token lists its own jobs (daemon/jobs_api.py)
     ("GET", "/v1/openapi.json"): ANY,
     ("POST", "/v1/jobs"): JOBS,
     ("GET", "/v1/jobs/{id}"): JOBS,
@@ -92,7 +97,8 @@ def route_scope(request: web.Request) -> str:
     served route missing from ROUTE_SCOPES admin."""
     resource = request.match_info.route.resource
     if resource is None:
-        return ANY
+        # Under the console's static prefix nothing holds data: a missing file is a plain 404.
+        return OPEN if request.path.startswith(STATIC_PREFIX) else ANY
     method = "GET" if request.method == "HEAD" else request.method
     return ROUTE_SCOPES.get((method, resource.canonical), ADMIN)
 

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 from ondemand import batching, protocol, segments
 from ondemand.audio import SAMPLE_RATE
 from ondemand.config import QueueConfig, SegmentsConfig, StorageConfig, WorkerConfig
-from ondemand.daemon.events import EventBus, JobFinished, JobProgress
+from ondemand.daemon.events import EventBus, JobFinished, JobProgress, JobsStarted
 from ondemand.daemon.store import DONE, FAILED, Job, Store
 from ondemand.daemon.supervisor import Lease, Supervisor, WorkerState
 from ondemand.errors import (
@@ -319,6 +319,7 @@ class Dispatcher:
         for j in batch:
             j.attempts += 1
             j.started = started
+        self.bus.publish(JobsStarted(jobs=tuple(j.id for j in batch)))
         self._running = batch  # left set when cancelled: close() requeues it
         try:
             await self._infer(lease, batch, cold_s)

@@ -138,6 +138,27 @@ class Job:
         }
 
 
+@dataclass
+class JobSummary:
+    """A row of the recent-jobs listing: the job without its full result (only the top label),
+    and for a pending job how many pending jobs were accepted before it."""
+
+    id: str
+    status: str
+    key: str
+    granularity: str
+    embedding: bool
+    duration_s: float
+    created: float
+    started: float | None
+    finished: float | None
+    attempts: int
+    top: dict[str, Any] | None
+    error: dict[str, str] | None
+    timings: dict[str, float | None]
+    position: int | None
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -539,6 +560,53 @@ class Store:
             ).fetchall()
 
         return [_row_to_job(r) for r in await self._call(select)]
+
+    async def recent(
+        self, limit: int, *, statuses: Sequence[str] = (), before: str | None = None,
+        owner: str | None = None,
+    ) -> list[JobSummary]:
+        """The newest `limit` jobs (only `statuses` when given, only `owner`'s when given),
+        newest first; `before`: only jobs accepted before that job (an unknown id gives none).
+        Reads no result but its top."""
+        where: list[str] = []
+        args: list[str] = []
+        if owner is not None:
+            where.append("j.owner = ?")
+            args.append(owner)
+        if statuses:
+            where.append(f"j.status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if before is not None:
+            where.append("j.seq < (SELECT seq FROM jobs WHERE id=?)")
+            args.append(before)
+        # Positions in one pass over the pending jobs (at most queue.max_pending rows), not a
+        # count per listed row: the page re-reads this while a queue drains.
+        sql = (
+            "WITH pending AS (SELECT id, ROW_NUMBER() OVER (ORDER BY seq) - 1 AS ahead"
+            "  FROM jobs WHERE status IN (?, ?))"
+            " SELECT j.id, status, key, granularity, embedding, duration_s, created, started,"
+            " finished, attempts, json_extract(result, '$.top') AS top, error, timings, ahead"
+            " FROM jobs j LEFT JOIN pending p ON p.id = j.id"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY seq DESC LIMIT ?"
+        )
+        params = (QUEUED, RUNNING, *args, limit)
+
+        def select(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, params).fetchall()
+
+        return [
+            JobSummary(
+                id=r["id"], status=r["status"], key=r["key"], granularity=r["granularity"],
+                embedding=bool(r["embedding"]), duration_s=r["duration_s"], created=r["created"],
+                started=r["started"], finished=r["finished"], attempts=r["attempts"],
+                top=json.loads(r["top"]) if r["top"] else None,
+                error=json.loads(r["error"]) if r["error"] else None,
+                timings=json.loads(r["timings"]) if r["timings"] else {},
+                position=r["ahead"],
+            )
+            for r in await self._call(select)
+        ]
 
     async def mark_running(self, ids: Sequence[str], started: float) -> list[str]:
         """queued -> running (attempts + 1).  Returns the ids that were still queued."""
