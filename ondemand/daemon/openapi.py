@@ -251,11 +251,10 @@ def _operation_id(method: str, path: str) -> str:
 def _paths() -> dict[str, dict[str, Schema]]:
     job = _json(_ref("Job"), "The job document.")
     worker_body = {"content": {JSON: {"schema": _obj({}, {"hold_s": NUM, "wait": BOOL})}}}
+    post_jobs = _op("post", "/v1/jobs", "Submit a clip",
+                    {"202": _json(_ref("JobAccepted"), "Decoded, spooled, queued.", LOCATION)},
+                    *SUBMIT_ERRORS, parameters=SUBMIT_OPTIONS, body=AUDIO_BODY)
     return {
-        "/v1/jobs": {"post": _op(
-            "post", "/v1/jobs", "Submit a clip",
-            {"202": _json(_ref("JobAccepted"), "Decoded, spooled, queued.", LOCATION)},
-            *SUBMIT_ERRORS, parameters=SUBMIT_OPTIONS, body=AUDIO_BODY)},
         "/v1/jobs/{id}": {
             "get": _op("get", "/v1/jobs/{id}", "A job, long-polled with `wait`", {"200": job},
                        "bad_request", "not_found", *STORE_ERRORS, parameters=[
@@ -313,6 +312,26 @@ def _paths() -> dict[str, dict[str, Schema]]:
             "200": _json(_ref("Ready"), "Ready."),
             "503": _json(_ref("NotReady"), "Not ready: draining, queue full, storage failing, "
                                            "a hung worker or a failed task.", RETRY_AFTER)})},
+        "/v1/jobs": {
+            "post": post_jobs,
+            "get": _op("get", "/v1/jobs", "Recent jobs, newest first (a jobs token: its own)", {
+                "200": _json(_obj({"jobs": {"type": "array", "items": {"type": "object"}},
+                                   "next": STR_OR_NULL}), "A page of job summaries.")},
+                "bad_request", *STORE_ERRORS, parameters=[
+                    _param("limit", "query", STR, "Jobs per page."),
+                    _param("status", "query", STR, "Comma-separated statuses to list."),
+                    _param("before", "query", STR, "The `next` of the previous page.")])},
+        "/v1/events": {"get": _op("get", "/v1/events", "Server-sent events: job and worker "
+                                  "progress (the console's feed)", {"200": {
+                                      "description": "text/event-stream",
+                                      "content": {"text/event-stream": {"schema": STR}}}})},
+        "/": {"get": _op("get", "/", "The web console (no data in it; no token)", {"200": {
+            "description": "HTML", "content": {"text/html": {"schema": STR}}}})},
+        "/console/{version}/{path}": {"get": _op(
+            "get", "/console/{version}/{path}", "The console's static files", {
+                "200": {"description": "A static file.", "content": {"*/*": {"schema": STR}}}},
+            "not_found", parameters=[_param("version", "path", STR, "The console's build."),
+                                     _param("path", "path", STR, "The file.")])},
         "/v1/openapi.json": {"get": _op("get", "/v1/openapi.json", "This document",
                                         {"200": _json({"type": "object"}, "OpenAPI 3.1.")})},
     }
