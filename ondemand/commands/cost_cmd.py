@@ -9,6 +9,7 @@ import argparse
 import csv
 import io
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from ondemand import config as config_mod
 from ondemand.cost import report as cost
 from ondemand.cost.ledger import LEDGER_FILE
-from ondemand.errors import BadRequest, OndemandError
+from ondemand.errors import BadRequest, OndemandError, StorageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,9 +66,14 @@ def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
         since = cost.parse_when(args.since, now) if args.since else None
         until = cost.parse_when(args.until, now) if args.until else None
         doc = cost_document(path, cfg, since=since, until=until, probe=None, now=now)
+        return add_tokens(doc, read_file(Path(cfg.storage.dir)))
     except ValueError as e:
         raise BadRequest(str(e)) from e
-    return add_tokens(doc, read_file(Path(cfg.storage.dir)))
+    except sqlite3.DatabaseError as e:  # a damaged ledger: one line, never a traceback
+        raise StorageError(
+            f"cannot read the cost ledger {path} ({e}); the daemon moves a damaged ledger "
+            "aside at its next start (docs/operations.md); or ask a running daemon with --url"
+        ) from e
 
 
 def _fetch(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
