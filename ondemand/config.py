@@ -218,12 +218,32 @@ class WorkerConfig:
     batch_deadline_min_s: float = _setting(120.0, positive)
     batch_deadline_factor: float = _setting(10.0, at_least_one)
     batch_default_speed: float = _setting(1.0, positive)  # audio s per s before any measurement
+    # Standby (docs/ladder.md): after an exit (and at start-up) keep one worker process that has
+    # imported torch and read the weights into host memory but never initialised CUDA: no GPU
+    # memory at all, and the next load skips the interpreter, the imports and the weights.
+    standby: bool = True
+    # Stepping aside (docs/ladder.md, "Stepping aside"): watch the GPU through NVML; when other
+    # processes leave less than yield_free_below_mb free, finish the batch and go to standby;
+    # loads wait (state `yielded`) until free memory minus the model's need has stayed at least
+    # yield_resume_free_mb for yield_settle_s.  No effect without NVML or on device cpu.
+    yield_gpu: bool = False
+    yield_free_below_mb: float = _setting(1024.0, non_negative)
+    yield_resume_free_mb: float = _setting(2048.0, non_negative)
+    yield_settle_s: float = _setting(10.0, non_negative)
+    yield_poll_s: float = _setting(0.5, positive)
+    # Added to the weights' bytes for the model's need on the GPU (CUDA context, workspace,
+    # activations of a batch).
+    yield_need_margin_mb: float = _setting(2048.0, non_negative)
 
     def cross_check(self) -> tuple[str, str] | None:
         if self.heartbeat_timeout_s < 2 * self.heartbeat_s:
             return "heartbeat_timeout_s", (
                 f"must be >= 2 x worker.heartbeat_s ({2 * self.heartbeat_s:g}): one late beat "
                 f"must not kill a busy worker, got {self.heartbeat_timeout_s:g}")
+        if self.yield_resume_free_mb <= self.yield_free_below_mb:
+            return "yield_resume_free_mb", (
+                f"must be > worker.yield_free_below_mb ({self.yield_free_below_mb:g}): the gap "
+                f"is the hysteresis that stops flapping, got {self.yield_resume_free_mb:g}")
         return None
 
 

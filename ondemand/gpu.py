@@ -32,6 +32,19 @@ _PSTATE_UNKNOWN = 32
 
 
 @dataclass(frozen=True)
+class GpuProcess:
+    """A compute process on the GPU as NVML lists it; `memory_bytes` None where the driver
+    cannot attribute memory (some containers)."""
+
+    pid: int
+    memory_bytes: int | None
+
+    def to_json(self) -> dict[str, object]:
+        mb = None if self.memory_bytes is None else round(self.memory_bytes / 2**20, 1)
+        return {"pid": self.pid, "memory_mb": mb}
+
+
+@dataclass(frozen=True)
 class GpuSample:
     """One reading.  GPU fields are None when the probe cannot tell (always so for psutil)."""
 
@@ -47,6 +60,15 @@ class GpuSample:
     pstate: int | None
     rss_bytes: int | None  # host RSS of the PIDs (None when no PID was alive)
     cpu_seconds: float | None  # cumulative user+system CPU time of the PIDs
+    # Every compute process NVML lists on the GPU, ours included (empty without NVML, or when
+    # the listing failed): who else holds memory, for stepping aside (docs/ladder.md).
+    processes: tuple[GpuProcess, ...] = ()
+
+    @property
+    def free_bytes(self) -> int | None:
+        if self.gpu_memory_total_bytes is None or self.gpu_memory_used_bytes is None:
+            return None
+        return max(0, self.gpu_memory_total_bytes - self.gpu_memory_used_bytes)
 
 
 class GpuProbe(Protocol):
@@ -157,10 +179,13 @@ class NvmlProbe:
         handle = self._handle(gpu) if gpu is not None else None
         pid_mem = used = total = pstate = None
         power = energy = util = None
+        listed: tuple[GpuProcess, ...] = ()
         if handle is not None:
             nv = self._nvml
             procs = self._call("processes", lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle))
             if procs is not None:
+                listed = tuple(GpuProcess(int(p.pid), None if p.usedGpuMemory is None
+                                          else int(p.usedGpuMemory)) for p in procs)
                 # usedGpuMemory is None where the driver cannot attribute memory (some
                 # containers); a PID we asked about that NVML does not list holds nothing.
                 wanted = set(pids)
@@ -191,6 +216,7 @@ class NvmlProbe:
             pstate=pstate,
             rss_bytes=rss,
             cpu_seconds=cpu,
+            processes=listed,
         )
 
     def close(self) -> None:

@@ -112,6 +112,21 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Prepare:
+    """Standby (docs/ladder.md): import torch and the engine, resolve the model and read its
+    weights (converted to `dtype`) into host memory, without initialising CUDA: no GPU memory is
+    held.  Answered by Prepared or LoadFailed.  A later Load with the same model and dtype moves
+    these weights to the device and warms up."""
+
+    TAG: ClassVar[str] = "prepare"
+    model: str
+    revision: str
+    cache_dir: str
+    device: str  # the device a later Load will name (not touched now)
+    dtype: str
+
+
+@dataclass(frozen=True)
 class Infer:
     """Run one batch; answered by exactly one Result or BatchFailed with the same `batch`."""
 
@@ -153,6 +168,19 @@ class Loaded:
     device: str  # the device it landed on (`auto` resolved), e.g. cuda:0
     dtype: str
     timings: dict[str, float] = field(default_factory=dict)  # import_s, resolve_s, weights_s...
+    weights_mb: float | None = None  # MiB of weights on the device (the need estimate's base)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The standby worker holds the weights in host memory and has not initialised CUDA."""
+
+    TAG: ClassVar[str] = "prepared"
+    seconds: float  # the worker's own time for the prepare
+    weights_mb: float  # MiB of weights held (what a load moves to the device)
+    host_mb: float  # the process's resident memory (RSS), MiB
+    cuda_initialized: bool  # torch.cuda.is_initialized(): must be false (the standby guard)
+    timings: dict[str, float] = field(default_factory=dict)  # import_s, resolve_s, weights_s
 
 
 @dataclass(frozen=True)
@@ -210,16 +238,16 @@ class Unloaded:
     TAG: ClassVar[str] = "unloaded"
 
 
-Op: TypeAlias = Load | Infer | Unload | Exit
-Event: TypeAlias = (Hello | Loaded | LoadFailed | Heartbeat | Progress | Result | BatchFailed
-                    | Unloaded)
+Op: TypeAlias = Load | Prepare | Infer | Unload | Exit
+Event: TypeAlias = (Hello | Loaded | Prepared | LoadFailed | Heartbeat | Progress | Result
+                    | BatchFailed | Unloaded)
 Message: TypeAlias = Op | Event
 
-_OP_TYPES = (Load, Infer, Unload, Exit)
+_OP_TYPES = (Load, Prepare, Infer, Unload, Exit)
 OPS: dict[str, type[Op]] = {c.TAG: c for c in _OP_TYPES}
 EVENTS: dict[str, type[Event]] = {
-    c.TAG: c for c in (Hello, Loaded, LoadFailed, Heartbeat, Progress, Result, BatchFailed,
-                       Unloaded)
+    c.TAG: c for c in (Hello, Loaded, Prepared, LoadFailed, Heartbeat, Progress, Result,
+                       BatchFailed, Unloaded)
 }
 
 
@@ -286,6 +314,12 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._bad(key, "a number")
         return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key, False)
+        if not isinstance(value, bool):
+            raise self._bad(key, "a boolean")
+        return value
 
     def opt_number(self, key: str) -> float | None:
         return None if self._get(key, True) is None else self.number(key)
@@ -361,6 +395,14 @@ def _message(cls: type[Message], f: _Fields) -> Message:
         return Load(model=f.string("model"), revision=f.string("revision"),
                     cache_dir=f.string("cache_dir"), device=f.string("device"),
                     dtype=f.string("dtype"))
+    if cls is Prepare:
+        return Prepare(model=f.string("model"), revision=f.string("revision"),
+                       cache_dir=f.string("cache_dir"), device=f.string("device"),
+                       dtype=f.string("dtype"))
+    if cls is Prepared:
+        return Prepared(seconds=f.number("seconds"), weights_mb=f.number("weights_mb"),
+                        host_mb=f.number("host_mb"), cuda_initialized=f.boolean("cuda_initialized"),
+                        timings=f.numbers("timings"))
     if cls is Infer:
         try:
             granularity = as_granularity(f.string("granularity"))
@@ -374,7 +416,8 @@ def _message(cls: type[Message], f: _Fields) -> Message:
         return Hello(pid=f.integer("pid"))
     if cls is Loaded:
         return Loaded(seconds=f.number("seconds"), device=f.string("device"),
-                      dtype=f.string("dtype"), timings=f.numbers("timings"))
+                      dtype=f.string("dtype"), timings=f.numbers("timings"),
+                      weights_mb=f.opt_number("weights_mb"))
     if cls is LoadFailed:
         return LoadFailed(code=f.string("code"), message=f.string("message"))
     if cls is Heartbeat:

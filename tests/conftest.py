@@ -49,7 +49,7 @@ FAKE_WORKER = TESTS / "fake_worker.py"
 FAST: dict[str, dict[str, Any]] = {
     "worker": {"load_timeout_s": 10.0, "unload_after_s": -1, "exit_after_s": -1,
                "stop_timeout_s": 2.0, "max_load_failures": 2, "load_backoff_s": 30.0,
-               "release_timeout_s": 0.0},
+               "release_timeout_s": 0.0, "standby": False},
     "queue": {"max_attempts": 3},
     "server": {"max_wait_s": 20.0, "stop_timeout_s": 5.0},
 }
@@ -176,7 +176,8 @@ def frozen(pid: int) -> Iterator[None]:
 SERVE: dict[str, dict[str, Any]] = {
     "server": {"port": 0, "stop_timeout_s": 5.0},
     "worker": {"command": f"{sys.executable} {FAKE_WORKER}", "unload_after_s": -1,
-               "exit_after_s": -1, "stop_timeout_s": 1.0, "load_timeout_s": 10.0},
+               "exit_after_s": -1, "stop_timeout_s": 1.0, "load_timeout_s": 10.0,
+               "standby": False},
 }
 SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 

@@ -20,6 +20,10 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_EXIT_S=0           seconds the process takes to exit after an `exit` op (or EOF on stdin);
                           with FAKE_EXIT_S > worker.stop_timeout_s the stop escalates to SIGKILL
   FAKE_LOG=PATH           append one JSON line per op: {"pid", "op", "n", "keys"}
+  FAKE_PREPARE_S=0.05     seconds a prepare (standby) takes
+  FAKE_FAIL_PREPARE=1     every prepare answers load_failed (code model)
+  FAKE_CUDA_INIT=1        prepare reports cuda_initialized = true (a broken standby)
+  FAKE_WEIGHTS_MB=100     MiB of weights reported by prepare and load
   FAKE_SEGMENTS=N         results carry N `segments` ({start_s, end_s, scores}), as segment-level
                           analysis of long recordings would (the console draws them)
 """
@@ -40,7 +44,7 @@ import numpy as np
 
 from ondemand import protocol
 from ondemand.errors import ModelError, OutOfMemory
-from ondemand.worker.main import LoadInfo, serve
+from ondemand.worker.main import LoadInfo, PrepareInfo, serve
 
 LABELS = ["angry", "happy", "neutral", "sad"]
 
@@ -90,9 +94,20 @@ class FakePrediction:
 class FakeBackend:
     def __init__(self) -> None:
         self.loaded = False
+        self.prepared = False
+
+    def prepare(self, op: protocol.Prepare) -> PrepareInfo:
+        _log("prepare")
+        time.sleep(float(_env("FAKE_PREPARE_S", "0.05")))
+        if _env("FAKE_FAIL_PREPARE"):
+            raise ModelError("fake model is broken (FAKE_FAIL_PREPARE)")
+        self.prepared = True
+        return PrepareInfo(weights_mb=float(_env("FAKE_WEIGHTS_MB", "100")),
+                           cuda_initialized=bool(_env("FAKE_CUDA_INIT")),
+                           timings={"import_s": 0.0, "weights_s": 0.01})
 
     def load(self, op: protocol.Load) -> LoadInfo:
-        _log("load")
+        _log("load", prepared=self.prepared)
         if _env("FAKE_EXIT_IN_LOAD"):
             os._exit(int(_env("FAKE_EXIT_IN_LOAD")))
         if _env("FAKE_HANG_LOAD"):
@@ -102,8 +117,12 @@ class FakeBackend:
         if _env("FAKE_FAIL_LOAD"):
             raise ModelError("fake model is broken (FAKE_FAIL_LOAD)")
         self.loaded = True
-        return LoadInfo(device="cpu", dtype="float32",
-                        timings={"import_s": 0.0, "weights_s": 0.01, "warmup_s": 0.01})
+        timings = {"import_s": 0.0, "weights_s": 0.01, "warmup_s": 0.01}
+        if self.prepared:
+            timings = {"standby": 1.0, "warmup_s": 0.01}
+        self.prepared = False
+        return LoadInfo(device="cpu", dtype="float32", timings=timings,
+                        weights_mb=float(_env("FAKE_WEIGHTS_MB", "100")))
 
     def infer(
         self,
@@ -154,7 +173,7 @@ class FakeBackend:
     def unload(self) -> None:
         _log("unload")
         time.sleep(float(_env("FAKE_UNLOAD_S", "0")))
-        self.loaded = False
+        self.loaded = self.prepared = False
 
 
 if __name__ == "__main__":

@@ -31,9 +31,15 @@ MESSAGES: list[p.Message] = [
                     segments=p.Segmenting(mode="fixed", window_s=2.0, hop_s=0.5)),
         p.InferItem(job="j4", key="memo", audio="/spool/j4.npy",
                     segments=p.Segmenting(mode="vad", vad_threshold=0.6)))),
+    p.Prepare(model="/models/plus_large", revision="master", cache_dir="", device="cuda:0",
+              dtype="bfloat16"),
     p.Unload(),
     p.Exit(),
     p.Hello(pid=1234),
+    p.Prepared(seconds=1.1, weights_mb=620.5, host_mb=1013.2, cuda_initialized=False,
+               timings={"import_s": 0.8, "weights_s": 0.25}),
+    p.Loaded(seconds=0.4, device="cuda:0", dtype="float32", timings={"standby": 1.0},
+             weights_mb=620.5),
     p.Loaded(seconds=1.5, device="cuda:0", dtype="bfloat16",
              timings={"import_s": 0.8, "weights_s": 0.5}),
     p.Loaded(seconds=0.1, device="cpu", dtype="float32"),
@@ -58,7 +64,7 @@ def test_every_message_round_trips_as_one_line(msg: p.Message) -> None:
     assert line.endswith("\n") and line.count("\n") == 1
     assert p.decode(line) == msg
     assert p.decode(line.encode()) == msg  # bytes straight from a pipe
-    if isinstance(msg, p.Load | p.Infer | p.Unload | p.Exit):
+    if isinstance(msg, p.Load | p.Prepare | p.Infer | p.Unload | p.Exit):
         assert p.decode_op(line) == msg
         with pytest.raises(ProtocolError, match="expected an event"):
             p.decode_event(line)

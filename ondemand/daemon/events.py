@@ -49,7 +49,8 @@ class StateChanged(Event):
 @dataclass(frozen=True, kw_only=True)
 class ModelLoaded(Event):
     """A load finished: `seconds` from the load request to `loaded` (in-process reloads too);
-    `fresh_process` is True when the load needed a new interpreter."""
+    `fresh_process` is True when the load needed a new interpreter (not for a standby's
+    activation, whose interpreter was started before the request)."""
 
     seconds: float
     trigger: str
@@ -57,6 +58,7 @@ class ModelLoaded(Event):
     device: str
     fresh_process: bool
     timings: dict[str, float] = field(default_factory=dict)
+    kind: str = "spawn"  # spawn (new process), reload (from unloaded), activate (from standby)
 
 
 @dataclass(frozen=True, kw_only=True)

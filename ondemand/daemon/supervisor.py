@@ -15,6 +15,22 @@ States and transitions (TRANSITIONS below is checked by `_set_state`):
       │                └──────── any failure / idle exit / shutdown ─────> stopping ──exit──┘
       └── backoff <── (load failed max_load_failures times in a row; refuses loads until a deadline)
 
+    cold ──standby spawn──> preparing ──prepared──> standby ──job / load (activate)──> loading
+                                └──── job / load: `load` sent behind `prepare` ────────────┘
+
+Standby (`worker.standby`, docs/ladder.md): after every exit, and at start-up, one worker process
+is spawned with `prepare`: it imports torch and the engine and reads the weights into host
+memory, never initialising CUDA, so it holds no GPU memory; a job or a load then only pays CUDA
+initialisation, the copy to the device and the warm-up.  `unload(exit=True)` on a standby ends it
+and none is prepared until the next load has come and gone.
+
+Stepping aside (`worker.yield_gpu`, daemon/yielding.py): while the worker may hold the GPU, and
+while aside, GPU_POLL reads the GPU every `yield_poll_s`.  When other processes need the room the
+supervisor revokes the leases (the dispatcher starts no new batch), lets the running batch finish,
+stops the worker and goes to `yielded` (a standby is prepared meanwhile: it holds no GPU).  A load
+whose need does not fit goes to `yielded` instead of dying of out-of-memory.  Loads wait there,
+jobs stay queued, until the policy lets us back; then standby (or cold) and the waiting loads run.
+
 In-flight work is counted by leases; the idle timer is armed only when the count is zero and is
 re-checked when it fires (LocalAI #5221, llama.cpp #28698: never unload under a running job).
 Idle ladder: `unload_after_s` drops the model but keeps the process (cheap reactivation);
@@ -66,12 +82,15 @@ from ondemand.daemon.timers import Fired, Timers
 from ondemand.daemon.worker_status import (
     ExitRecord,
     LoadRecord,
+    StandbyRecord,
     WarmBecause,
     WorkerState,
     WorkerStatus,
+    YieldRecord,
 )
+from ondemand.daemon.yielding import GpuReading, Verdict, YieldPolicy
 from ondemand.errors import LoadFailed, WorkerCrashed, WorkerUnavailable, from_code
-from ondemand.gpu import GpuProbe
+from ondemand.gpu import GpuProbe, gpu_index, host_usage
 
 # Also the import path of WorkerState, Spawn, make_spawn and worker_env for app.py, tests, bench.
 __all__ = ["TRANSITIONS", "Lease", "Spawn", "Supervisor", "TimerKind", "WorkerState",
@@ -85,7 +104,10 @@ SPEED_SAMPLES = 20  # recent batches whose slowest speed sets the batch deadline
 
 S = WorkerState
 TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
-    S.COLD: frozenset({S.STARTING}),
+    S.COLD: frozenset({S.STARTING, S.PREPARING, S.YIELDED}),
+    S.PREPARING: frozenset({S.STANDBY, S.LOADING, S.YIELDED, S.STOPPING}),
+    S.STANDBY: frozenset({S.LOADING, S.YIELDED, S.STOPPING}),
+    S.YIELDED: frozenset({S.STANDBY, S.PREPARING, S.COLD, S.STOPPING}),
     S.STARTING: frozenset({S.LOADING, S.STOPPING, S.COLD, S.BACKOFF}),
     S.LOADING: frozenset({S.READY, S.STOPPING, S.COLD, S.BACKOFF}),
     S.READY: frozenset({S.UNLOADING, S.STOPPING, S.COLD}),
@@ -104,6 +126,13 @@ class TimerKind(enum.Enum):
     RELEASE_POLL = "release_poll"  # the next look at GPU memory a dead worker still holds
     HEARTBEAT = "heartbeat"  # worker.heartbeat_timeout_s after the last sign of life on a batch
     BATCH_DEADLINE = "batch_deadline"  # the earliest deadline of the batches in flight
+    GPU_POLL = "gpu_poll"  # worker.yield_poll_s: the next look at the GPU for stepping aside
+
+
+# States in which our worker may hold GPU memory (a CUDA context, weights): stepping aside acts.
+HOLDING = frozenset({S.STARTING, S.LOADING, S.READY, S.UNLOADING, S.UNLOADED})
+# States from which a load request starts a load at once (yielded: once the GPU is back).
+LOADABLE = frozenset({S.COLD, S.UNLOADED, S.PREPARING, S.STANDBY, S.YIELDED})
 
 
 # -- messages to the owner task ----------------------------------------------------------------
@@ -167,11 +196,23 @@ class _Shutdown:
     fut: asyncio.Future[None]
 
 
+@dataclass
+class _Standby:
+    """Prepare a standby process if the worker is cold and nothing waits."""
+
+
 class Lease:
     """Held while a caller runs work on the worker: the in-flight count is one higher."""
 
     def __init__(self, sup: Supervisor) -> None:
         self._sup = sup
+
+    @property
+    def revoked(self) -> str | None:
+        """Why the supervisor asks the holder to start no further batch and release the lease
+        (`yield`: other GPU work needs the room), else None.  A request from the owner, not
+        state to branch on otherwise: the batch already formed may still run."""
+        return self._sup._revoked
 
     async def infer(self, op: protocol.Infer, *, audio_s: float = 0.0) -> protocol.Result:
         """Run one batch (`audio_s` seconds of audio: its deadline) on the worker.  Raises
@@ -214,6 +255,7 @@ class Supervisor:
         self._speeds: collections.deque[float] = collections.deque(maxlen=SPEED_SAMPLES)
         self.last_exit: ExitRecord | None = None
         self._last_used = clock()
+        self._standby_started = 0.0
         self._hold_until = 0.0
         self._hold_trigger = ""
         self._pending_unload: _Unload | None = None
@@ -230,10 +272,29 @@ class Supervisor:
         self.last_load: LoadRecord | None = None
         self.loads = 0
         self.spawns = 0
+        self._load_kind = "spawn"  # spawn | reload | activate: the load in progress
+        self._prepared = False  # the current process answered `prepared` (a standby)
+        self._standby: StandbyRecord | None = None  # what it reported
+        self._standby_declined = False  # unload(exit) ended a standby: none until the next load
+        self._weights_mb: float | None = None  # from prepared/loaded: the need's base
+        self._revoked: str | None = None  # leases asked to end (Lease.revoked)
+        self._yield_pending = False  # aside, but the running batch finishes first
+        self._gpu_index = gpu_index(worker.device)
+        self._policy: YieldPolicy | None = None
+        if worker.yield_gpu:
+            if gpu is None or gpu.fallback or self._gpu_index is None:
+                log.info("worker.yield_gpu: no NVML view of the GPU (device %s, probe %s); "
+                         "stepping aside is off", worker.device, gpu.name if gpu else "none")
+            else:
+                self._policy = YieldPolicy(free_below_mb=worker.yield_free_below_mb,
+                                           resume_free_mb=worker.yield_resume_free_mb,
+                                           settle_s=worker.yield_settle_s)
 
     # -- public API (any task) ------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="supervisor")
+        if self.cfg.standby:
+            self._post(_Standby())
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -307,8 +368,32 @@ class Supervisor:
             backoff_s=self._timers.left(TimerKind.BACKOFF_END) if self.state is S.BACKOFF else None,
             gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.device) if proc else None,
             batch_s=batch_s, batch_deadline_s=deadline_s, stalled_s=self._stalled_s(now),
-            last_exit=self.last_exit,
+            last_exit=self.last_exit, standby=self._standby_status(),
+            yielded=self._yield_status(now),
         )
+
+    def _standby_status(self) -> StandbyRecord | None:
+        proc = self._proc
+        if proc is None or self.state not in (S.PREPARING, S.STANDBY, S.YIELDED):
+            return None
+        _, rss, _ = host_usage([proc.pid])
+        base = self._standby or StandbyRecord(pid=proc.pid, prepared=False, seconds=None,
+                                              weights_mb=None, host_mb=None,
+                                              cuda_initialized=None, gpu_memory_mb=None)
+        return dataclasses.replace(base, host_mb=None if rss is None else rss / 2**20,
+                                   gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.cfg.device))
+
+    def _yield_status(self, now: float) -> YieldRecord | None:
+        pol = self._policy
+        if pol is None or not pol.yielded:
+            return None
+        last, trig = pol.last, pol.trigger
+        return YieldRecord(
+            reason=pol.reason, pending=self._yield_pending,
+            for_s=now - (pol.since if pol.since is not None else now), need_mb=pol.need_mb,
+            resume_at_free_mb=pol.resume_at_free_mb(), settle_s=pol.settle_s,
+            settled_s=pol.settled_s(now), gpu=last.to_json() if last else None,
+            trigger_gpu=trig.to_json() if trig else None)
 
     def _stalled_s(self, now: float) -> float | None:
         """Seconds since the last heartbeat once two were missed (a batch in flight), else None."""
@@ -364,6 +449,7 @@ class Supervisor:
             _Exited: self._on_exited,
             Fired: self._on_timer,
             _Shutdown: self._on_shutdown,
+            _Standby: self._on_standby,
         }
         while True:
             msg = await self._inbox.get()
@@ -392,6 +478,7 @@ class Supervisor:
             StateChanged(old=old.value, new=new.value, reason=reason, trigger=trig, pid=pid,
                          device=self.device)
         )
+        self._arm_gpu_poll()
 
     async def _on_timer(self, msg: Fired[TimerKind]) -> None:
         if not self._timers.fired(msg):
@@ -399,10 +486,14 @@ class Supervisor:
         match msg.kind:
             case TimerKind.IDLE:
                 await self._idle_expired()
-            case TimerKind.LOAD_DEADLINE if self.state in (S.STARTING, S.LOADING):
-                self._load_failed(ExitKind.LOAD_TIMEOUT, "the model did not load within "
+            case TimerKind.LOAD_DEADLINE if self._preparing() or self.state in (
+                    S.STARTING, S.LOADING):
+                what = "prepare a standby" if self._preparing() else "load"
+                self._load_failed(ExitKind.LOAD_TIMEOUT, f"the model did not {what} within "
                                   f"worker.load_timeout_s={self.cfg.load_timeout_s:g}s")
                 await self._stop(force=True, reason=ExitKind.LOAD_TIMEOUT)
+            case TimerKind.GPU_POLL:
+                await self._gpu_poll()
             case TimerKind.STOP_DEADLINE if self._proc is not None:
                 log.warning("worker pid=%d did not exit within %gs: SIGKILL", self._proc.pid,
                             self.cfg.stop_timeout_s)
@@ -411,6 +502,8 @@ class Supervisor:
                 self._set_state(S.COLD, "backoff_over")
                 if self._waiters:
                     await self._begin_load(self._waiters[0].trigger)
+                else:
+                    await self._begin_standby()
             case TimerKind.RELEASE_POLL:
                 self._poll_release()
             case TimerKind.HEARTBEAT if self._batches:
@@ -433,13 +526,14 @@ class Supervisor:
     async def _on_acquire(self, msg: _Acquire) -> None:
         if msg.fut.done():
             return
-        if self.state is S.READY:
+        if self.state is S.READY and self._revoked is None:
             self._grant(msg)
             return
         if self._refuse(msg):
             return
         self._waiters.append(msg)
-        if self.state in (S.COLD, S.UNLOADED):
+        self._standby_declined = False
+        if self.state in LOADABLE:
             await self._begin_load(msg.trigger)
 
     def _grant(self, msg: _Acquire) -> None:
@@ -478,7 +572,9 @@ class Supervisor:
         if self._inflight == 0:
             self._last_used = self._clock()
             self._activity()
-            if self._pending_unload is not None:
+            if self._yield_pending:
+                await self._stop_for_yield()
+            elif self._pending_unload is not None:
                 pending, self._pending_unload = self._pending_unload, None
                 await self._on_unload(pending)
             else:
@@ -492,7 +588,8 @@ class Supervisor:
             log.info("worker hold %.0fs trigger=%s", msg.hold_s, msg.trigger)
             self._activity()
         self._pending_unload = None
-        if self.state is S.READY:
+        self._standby_declined = False
+        if self.state is S.READY and self._revoked is None:
             self._last_used = self._clock()
             self._arm_idle()
             if msg.fut is not None:
@@ -502,10 +599,10 @@ class Supervisor:
             return
         if msg.fut is not None:
             self._waiters.append(msg)
-        if self.state in (S.COLD, S.UNLOADED):
+        if self.state in LOADABLE:
             await self._begin_load(msg.trigger)
-        elif msg.fut is None and self.state in (S.UNLOADING, S.STOPPING):
-            self._waiters.append(msg)  # load again once the process settles
+        elif msg.fut is None and self.state in (S.UNLOADING, S.STOPPING, S.READY):
+            self._waiters.append(msg)  # load again once the process settles (or the GPU frees)
 
     async def _on_unload(self, msg: _Unload) -> None:
         if msg.fut is not None and not msg.fut.done():
@@ -520,7 +617,13 @@ class Supervisor:
                      self._inflight)
             return
         self._timers.cancel(TimerKind.IDLE)
-        if msg.exit and self.state in (S.STARTING, S.LOADING, S.READY, S.UNLOADING, S.UNLOADED):
+        if msg.exit and self.state in (S.PREPARING, S.STANDBY, S.YIELDED) and self._proc:
+            # Ending a standby: the operator wants its host memory back too.  None is prepared
+            # again until a load has come and gone (each exit request is one rung down).
+            self._standby_declined = True
+            await self._stop(force=self.state is not S.STANDBY, reason="unload_exit",
+                             trigger=msg.trigger)
+        elif msg.exit and self.state in HOLDING:
             self._fail_waiters(WorkerUnavailable("the worker was stopped on request"))
             await self._stop(force=False, reason="unload_exit", trigger=msg.trigger)
         elif self.state is S.READY:
@@ -573,9 +676,14 @@ class Supervisor:
                 self._hello_s = self._clock() - self._load_started
                 self._set_state(S.LOADING, "spawned")
                 await self._send_load(proc)
+            case protocol.Hello():
+                self._hello_s = self._clock() - self._load_started  # a standby: prepare is sent
+            case protocol.Prepared() as ev if not self._prepared:
+                await self._on_prepared(proc, ev)
             case protocol.Loaded() as ev if self.state is S.LOADING:
                 self._on_loaded(ev)
-            case protocol.LoadFailed(code=code, message=message) if self.state is S.LOADING:
+            case protocol.LoadFailed(code=code, message=message) if (
+                    self.state is S.LOADING or self._preparing()):
                 self._load_failed(code, message)
                 await self._stop(force=False, reason=ExitKind.LOAD_FAILED)
             case protocol.Unloaded() if self.state is S.UNLOADING:
@@ -612,6 +720,37 @@ class Supervisor:
                 log.warning("worker pid=%d %s in state %s: ignored", proc.pid, ev.TAG,
                             self.state)
 
+    async def _on_prepared(self, proc: WorkerProcess, ev: protocol.Prepared) -> None:
+        """A standby is ready: weights in host memory, CUDA untouched (the guard checks both
+        the worker's own word and, with NVML, the GPU's)."""
+        self._prepared = True
+        self._weights_mb = ev.weights_mb
+        held = proc.held_gpu_mb(self._gpu, self.cfg.device)
+        self._standby = StandbyRecord(
+            pid=proc.pid, prepared=True, seconds=self._clock() - self._standby_started,
+            weights_mb=ev.weights_mb, host_mb=ev.host_mb, cuda_initialized=ev.cuda_initialized,
+            gpu_memory_mb=held, timings=dict(ev.timings))
+        if ev.cuda_initialized or held:
+            log.error("standby worker pid=%d holds GPU state (cuda_initialized=%s, %s MiB): a "
+                      "bug; standby must never initialise CUDA", proc.pid, ev.cuda_initialized,
+                      held)
+        log.info("standby worker pid=%d prepared in %.2fs: %.0f MiB of weights, %.0f MiB RSS",
+                 proc.pid, self._standby.seconds or 0.0, ev.weights_mb, ev.host_mb)
+        if self.state is not S.PREPARING:
+            return  # a load was sent behind the prepare (loading), or we are aside (yielded)
+        self._timers.cancel(TimerKind.LOAD_DEADLINE)
+        if self._policy is not None and self._policy.yielded:
+            self._set_state(S.YIELDED, "prepared")
+            return
+        self._set_state(S.STANDBY, "prepared")
+        if self._waiters:
+            await self._begin_load(self._waiters[0].trigger)
+
+    def _preparing(self) -> bool:
+        """A standby process that has not answered `prepared` yet."""
+        return self._proc is not None and not self._prepared and self.state in (
+            S.PREPARING, S.YIELDED)
+
     def _on_loaded(self, ev: protocol.Loaded) -> None:
         self._timers.cancel(TimerKind.LOAD_DEADLINE)
         seconds = self._clock() - self._load_started
@@ -619,7 +758,9 @@ class Supervisor:
         self.last_load = LoadRecord(
             seconds=seconds, fresh_process=self._load_fresh, trigger=self._trigger,
             interpreter_s=self._hello_s if self._load_fresh else 0.0, worker_s=ev.seconds,
-            timings=ev.timings)
+            timings=ev.timings, kind=self._load_kind)
+        if ev.weights_mb is not None:
+            self._weights_mb = ev.weights_mb
         self.loads += 1
         self._failures = 0
         self._last_error = None
@@ -628,8 +769,12 @@ class Supervisor:
         pid = self._proc.pid if self._proc else None
         self.bus.publish(ModelLoaded(seconds=seconds, trigger=self._trigger, pid=pid,
                                      device=self.device, fresh_process=self._load_fresh,
-                                     timings=dict(ev.timings)))
+                                     timings=dict(ev.timings), kind=self._load_kind))
         self._last_used = self._clock()
+        self._grant_waiters()
+
+    def _grant_waiters(self) -> None:
+        """The model is ready: every waiting lease and load gets it."""
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if w.fut is None or w.fut.done():
@@ -660,7 +805,7 @@ class Supervisor:
             if not running.fut.done():
                 running.fut.set_exception(crash)
         self._batches.clear()
-        if self.state in (S.STARTING, S.LOADING):
+        if self.state in (S.STARTING, S.LOADING) or self._preparing():
             self._load_failed("exited_during_load" if kind is ExitKind.CRASHED else kind,
                               f"the worker exited during load ({detail})")
         if self.state is not S.STOPPING:
@@ -683,7 +828,12 @@ class Supervisor:
         self._after_exit()
 
     def _after_exit(self) -> None:
-        """The process is gone: cold, or backoff after too many load failures."""
+        """The process is gone: cold, or backoff after too many load failures; then a new
+        standby (or `yielded` while stepped aside without one)."""
+        self._prepared = False
+        self._standby = None
+        self._revoked = None
+        self._yield_pending = False
         if self._failures >= self.cfg.max_load_failures and self._shutdown is None:
             over = self._failures - self.cfg.max_load_failures
             self._timers.arm(TimerKind.BACKOFF_END,
@@ -694,8 +844,14 @@ class Supervisor:
                 self._refuse(w)
             return
         self._set_state(S.COLD, "exited")
-        if self._waiters and self._shutdown is None:
+        if self._shutdown is not None:
+            return
+        if self._waiters:
             self._post(_Load(self._waiters[0].trigger, 0.0, None))
+        elif self.cfg.standby:
+            self._post(_Standby())
+        elif self._policy is not None and self._policy.yielded:
+            self._set_state(S.YIELDED, "exited")
 
     def _fail_waiters(self, err: Exception) -> None:
         waiters, self._waiters = self._waiters, []
@@ -721,30 +877,74 @@ class Supervisor:
 
     # process control ---------------------------------------------------------------------
     async def _begin_load(self, trigger: str) -> None:
+        if await self._held_back():
+            return
         self._trigger = trigger
         self._load_started = self._clock()
         self._timers.arm(TimerKind.LOAD_DEADLINE, self.cfg.load_timeout_s)
-        if self.state is S.UNLOADED and self._proc is not None:
-            self._load_fresh = False
+        proc = self._proc
+        if self.state is S.UNLOADED and proc is not None:
+            self._load_fresh, self._load_kind = False, "reload"
             self._set_state(S.LOADING, "reload", trigger)
-            await self._send_load(self._proc)
+            await self._send_load(proc)
             return
-        self._load_fresh = True
+        if self.state in (S.STANDBY, S.PREPARING) and proc is not None:
+            # Activation: the standby's weights go to the device.  While it still prepares, the
+            # load waits behind the prepare in its pipe (no round trip lost).
+            self._load_fresh, self._load_kind = False, "activate"
+            self._set_state(S.LOADING, "activate", trigger)
+            await self._send_load(proc)
+            return
+        self._load_fresh, self._load_kind = True, "spawn"
+        if await self._spawn_worker() is None:
+            self._timers.cancel(TimerKind.LOAD_DEADLINE)
+            self._fail_waiters(LoadFailed(f"cannot start the worker: {self._last_error_text()}"))
+            return
+        self._set_state(S.STARTING, "job" if trigger.startswith("job") else "load", trigger)
+
+    async def _spawn_worker(self) -> WorkerProcess | None:
+        """A fresh worker process (None, failure counted, when it cannot be started)."""
         try:
             proc = await self._spawn()
         except OSError as e:
-            self._timers.cancel(TimerKind.LOAD_DEADLINE)
             self._failures += 1
             self._last_error = protocol.ErrorInfo("spawn_failed", str(e))
-            self._fail_waiters(LoadFailed(f"cannot start the worker: {e}"))
-            return
+            log.warning("cannot start the worker: %s", e)
+            return None
         self.spawns += 1
+        self._prepared = False
+        self._standby = None
         self._proc = WorkerProcess(
             proc,
             on_event=lambda wp, event: self._post(_FromWorker(wp.pid, event)),
             on_exit=lambda wp, rc: self._post(_Exited(wp.pid, rc)),
         )
-        self._set_state(S.STARTING, "job" if trigger.startswith("job") else "load", trigger)
+        return self._proc
+
+    def _last_error_text(self) -> str:
+        return self._last_error.message if self._last_error else "unknown error"
+
+    async def _on_standby(self, msg: _Standby) -> None:
+        if self.state is S.COLD and not self._waiters:
+            await self._begin_standby()
+
+    async def _begin_standby(self) -> None:
+        """Spawn a standby process and send it `prepare` at once (it reads ops after hello)."""
+        if (not self.cfg.standby or self._standby_declined or self._shutdown is not None
+                or self.state is not S.COLD):
+            return
+        self._standby_started = self._load_started = self._clock()
+        self._timers.arm(TimerKind.LOAD_DEADLINE, self.cfg.load_timeout_s)
+        proc = await self._spawn_worker()
+        if proc is None:
+            self._timers.cancel(TimerKind.LOAD_DEADLINE)
+            return  # stays cold; the next load tries a fresh process
+        aside = self._policy is not None and self._policy.yielded
+        self._set_state(S.PREPARING, "yielded" if aside else "standby", "standby")
+        m = self.model
+        await proc.send(protocol.Prepare(model=m.spec, revision=m.revision,
+                                         cache_dir=m.cache_dir, device=self.cfg.device,
+                                         dtype=self.cfg.dtype))
 
     async def _send_load(self, proc: WorkerProcess) -> None:
         m = self.model
@@ -810,8 +1010,112 @@ class Supervisor:
         self._shutdown = msg
         self._fail_waiters(WorkerUnavailable("the daemon is shutting down"))
         if self._proc is not None:
-            # A load in progress is not worth waiting for: SIGTERM it along with the request.
-            await self._stop(force=self.state in (S.STARTING, S.LOADING), reason="shutdown",
-                             trigger="shutdown")
+            # A load (or prepare) in progress is not worth waiting for: SIGTERM it as well.
+            await self._stop(force=self.state in (S.STARTING, S.LOADING) or self._preparing(),
+                             reason="shutdown", trigger="shutdown")
         elif self.state is S.BACKOFF:
             self._timers.cancel(TimerKind.BACKOFF_END)
+        elif self.state is S.YIELDED:
+            self._set_state(S.COLD, "shutdown", "shutdown")
+
+    # stepping aside ----------------------------------------------------------------------------
+    def _need_mb(self) -> float:
+        """The model's need on the GPU: its weights (as the worker reported them; 0 before any
+        prepare or load) + worker.yield_need_margin_mb."""
+        return (self._weights_mb or 0.0) + self.cfg.yield_need_margin_mb
+
+    def _read_gpu(self) -> GpuReading | None:
+        assert self._gpu is not None
+        pids = [self._proc.pid] if self._proc is not None else []
+        sample = self._gpu.sample(pids, self._gpu_index)
+        return GpuReading.from_sample(sample, self._clock(), pids)
+
+    def _arm_gpu_poll(self) -> None:
+        """GPU_POLL runs while our worker may hold the GPU and while we are aside; never in
+        cold or standby (a load asks the policy itself), so an idle daemon does not poll."""
+        pol = self._policy
+        wanted = pol is not None and self._shutdown is None and (
+            pol.yielded or self.state in HOLDING)
+        if not wanted:
+            self._timers.cancel(TimerKind.GPU_POLL)
+        elif self._timers.left(TimerKind.GPU_POLL) is None:
+            self._timers.arm(TimerKind.GPU_POLL, self.cfg.yield_poll_s)
+
+    async def _gpu_poll(self) -> None:
+        pol = self._policy
+        if pol is None:
+            return
+        reading = self._read_gpu()
+        if reading is not None:
+            was_yielded = pol.yielded
+            verdict = pol.watch(reading, holding=self.state in HOLDING and not was_yielded,
+                                need_mb=self._need_mb())
+            if verdict is Verdict.YIELD:
+                await self._step_aside(reading, "other_processes")
+            elif verdict is Verdict.RESUME:
+                await self._come_back()
+        self._arm_gpu_poll()
+
+    async def _held_back(self) -> bool:
+        """Whether a load must wait because we are aside, or because the model's need does not
+        fit in the free GPU memory now (then we step aside: the jobs wait, none dies of OOM)."""
+        pol = self._policy
+        if pol is None:
+            return False
+        if not pol.yielded:
+            reading = self._read_gpu()
+            if reading is None or pol.admit(reading, self._need_mb()):
+                return False
+            await self._step_aside(reading, "insufficient_memory")
+        if self.state is S.COLD and self.cfg.standby and not self._standby_declined:
+            await self._begin_standby()  # ready for when the GPU comes back; it holds none
+        elif self.state in (S.COLD, S.STANDBY):
+            self._set_state(S.YIELDED, pol.reason)
+        return True
+
+    async def _step_aside(self, reading: GpuReading, reason: str) -> None:
+        """Other work needs the GPU: leases end after the running batch, the worker exits (the
+        only way to give its CUDA context back), loads wait in `yielded`."""
+        pol = self._policy
+        assert pol is not None
+        pol.step_aside(reading, reason)
+        others = ", ".join(f"pid {p.pid} {p.to_json()['memory_mb']} MiB" for p in reading.others)
+        log.warning("worker steps aside reason=%s free=%.0f MiB need=%.0f MiB others=%.0f MiB "
+                    "(%s); loads wait until %.0f MiB are free for %gs", reason,
+                    reading.free_mb, pol.need_mb, reading.others_mb, others or "not listed",
+                    pol.resume_at_free_mb(), pol.settle_s)
+        self._timers.cancel(TimerKind.IDLE)
+        if self.state is S.READY and self._inflight > 0:
+            self._revoked = "yield"  # the dispatcher starts no new batch; the last one ends
+            self._yield_pending = True
+            return
+        await self._stop_for_yield()
+
+    async def _stop_for_yield(self) -> None:
+        self._yield_pending = False
+        if self.state in HOLDING:
+            self._revoked = "yield"  # until the process is gone (_after_exit)
+            await self._stop(force=self.state in (S.STARTING, S.LOADING), reason="yield",
+                             trigger="gpu")
+        elif self.state is S.STANDBY:
+            self._set_state(S.YIELDED, self._policy.reason if self._policy else "yield")
+        self._arm_gpu_poll()
+
+    async def _come_back(self) -> None:
+        pol = self._policy
+        assert pol is not None
+        log.info("worker comes back: GPU memory free again for %gs", pol.settle_s)
+        if self._yield_pending:  # the batch has not even finished: stay, as if nothing happened
+            self._yield_pending = False
+            self._revoked = None
+            self._grant_waiters()
+            return
+        if self.state is S.YIELDED:
+            if self._proc is None:
+                self._set_state(S.COLD, "gpu_free")
+            else:
+                self._set_state(S.STANDBY if self._prepared else S.PREPARING, "gpu_free")
+        if self._waiters and self.state in LOADABLE:
+            await self._begin_load(self._waiters[0].trigger)
+        elif self.state is S.COLD:
+            await self._begin_standby()

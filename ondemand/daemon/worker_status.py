@@ -21,6 +21,9 @@ WarmBecause = Literal["in_flight", "hold", "idle_timeout"]
 
 class WorkerState(enum.StrEnum):
     COLD = "cold"  # no process
+    PREPARING = "preparing"  # a standby process: imports and weights into host memory
+    STANDBY = "standby"  # weights in host memory, CUDA never initialised: no GPU memory held
+    YIELDED = "yielded"  # stepped aside for other GPU work; loads wait (a standby may exist)
     STARTING = "starting"  # process spawned, waiting for its hello
     LOADING = "loading"  # load sent, waiting for loaded
     READY = "ready"  # model loaded; batches may run
@@ -40,11 +43,58 @@ class LoadRecord:
     interpreter_s: float  # spawn -> hello (0 for a reload in the same process)
     worker_s: float  # the worker's own time for the load
     timings: dict[str, float]  # the worker's breakdown: import_s, resolve_s, weights_s, ...
+    kind: str = "spawn"  # spawn (a new process), reload (unloaded), activate (from standby)
 
     def to_json(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 6), "fresh_process": self.fresh_process,
-                "trigger": self.trigger, "interpreter_s": round(self.interpreter_s, 6),
-                "worker_s": self.worker_s, **self.timings}
+                "kind": self.kind, "trigger": self.trigger,
+                "interpreter_s": round(self.interpreter_s, 6), "worker_s": self.worker_s,
+                **self.timings}
+
+
+@dataclass(frozen=True)
+class StandbyRecord:
+    """The standby process (`/v1/status` `worker.standby`): what it holds and the guard that it
+    holds nothing on a GPU."""
+
+    pid: int
+    prepared: bool  # False while it is still reading (state preparing)
+    seconds: float | None  # spawn -> prepared, as the daemon saw it
+    weights_mb: float | None  # MiB of weights in host memory
+    host_mb: float | None  # the process's RSS now (what standby costs in host memory)
+    cuda_initialized: bool | None  # torch.cuda.is_initialized() in the worker: must be false
+    gpu_memory_mb: float | None  # NVML, this PID: must be 0; None without NVML
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "prepared": self.prepared,
+                "seconds": None if self.seconds is None else round(self.seconds, 6),
+                "weights_mb": self.weights_mb,
+                "host_mb": None if self.host_mb is None else round(self.host_mb, 1),
+                "cuda_initialized": self.cuda_initialized,
+                "gpu_memory_mb": self.gpu_memory_mb, "timings": self.timings}
+
+
+@dataclass(frozen=True)
+class YieldRecord:
+    """Why loads wait (`/v1/status` `worker.yielded`): stepped aside for other GPU work."""
+
+    reason: str  # other_processes (they grew into the floor) | insufficient_memory (at a load)
+    pending: bool  # True while the running batch finishes before the worker exits
+    for_s: float  # seconds since we stepped aside
+    need_mb: float  # the model's need (weights + worker.yield_need_margin_mb)
+    resume_at_free_mb: float  # free memory that lets it back (need + yield_resume_free_mb)
+    settle_s: float  # how long that must hold
+    settled_s: float  # how long it has held so far
+    gpu: dict[str, Any] | None  # the last reading: free/total/ours/others MiB, other processes
+    trigger_gpu: dict[str, Any] | None  # the reading that made it step aside
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason, "pending": self.pending, "for_s": round(self.for_s, 3),
+                "need_mb": round(self.need_mb, 1),
+                "resume_at_free_mb": round(self.resume_at_free_mb, 1),
+                "settle_s": self.settle_s, "settled_s": round(self.settled_s, 3),
+                "gpu": self.gpu, "trigger_gpu": self.trigger_gpu}
 
 
 @dataclass(frozen=True)
@@ -90,6 +140,8 @@ class WorkerStatus:
     batch_deadline_s: float | None = None  # seconds until it counts as stuck (batch_timeout)
     stalled_s: float | None = None  # seconds without a heartbeat once two were missed, else None
     last_exit: ExitRecord | None = None  # the last exit we did not ask for
+    standby: StandbyRecord | None = None  # the standby process, while there is one
+    yielded: YieldRecord | None = None  # while stepped aside (or about to)
 
     def to_json(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -97,6 +149,8 @@ class WorkerStatus:
         doc["last_load"] = self.last_load.to_json() if self.last_load else None
         doc["last_error"] = self.last_error.to_json() if self.last_error else None
         doc["last_exit"] = self.last_exit.to_json() if self.last_exit else None
+        doc["standby"] = self.standby.to_json() if self.standby else None
+        doc["yielded"] = self.yielded.to_json() if self.yielded else None
         return doc
 
     def __getitem__(self, key: str) -> Any:

@@ -103,6 +103,61 @@ def check_dtype(dtype: str, device: torch.device) -> None:
         raise DeviceError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or int8")
 
 
+@dataclass
+class HostModel:
+    """A model read from its directory: weights converted to the target dtype on `device`
+    (the CPU for a standby worker: docs/ladder.md), modules built on `meta`, nothing on a GPU
+    yet unless `device` is one.  Reading it for the CPU initialises no CUDA (no torch.cuda call,
+    no pinned memory: pinning initialises CUDA)."""
+
+    model_dir: Path
+    dtype: str
+    device: torch.device
+    arch: checkpoint.Arch
+    labels: Labels | None
+    net: Emotion2vec  # on meta: no random init, weights assigned by Engine.from_host
+    weights: dict[str, torch.Tensor]
+    timings: dict[str, float]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights: what a load moves to the device."""
+        return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+
+def read_model(model_dir: Path, *, dtype: str = "float32",
+               device: torch.device | None = None) -> HostModel:
+    """Parse the checkpoint and copy the expected tensors out of its mmap onto `device` (default
+    the CPU), converted in the same pass: only the matmul/conv weights go to bf16/fp16; norms,
+    biases of the stream and the head stay fp32.  Owned memory: a file replaced under us cannot
+    SIGBUS us.  Raises ModelError."""
+    dev = torch.device("cpu") if device is None else device
+    if dtype not in DTYPES and dtype != "int8":
+        check_dtype(dtype, dev)  # raises: unknown dtype
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} does not exist")
+    path = checkpoint.find_checkpoint(model_dir)
+    state = checkpoint.read_weights(path)
+    arch = checkpoint.derive_arch(state, checkpoint.read_config(model_dir))
+    labels = read_labels(model_dir, arch.classes) if arch.classes else None
+    t1 = time.perf_counter()
+    with torch.device("meta"):
+        net = Emotion2vec(arch)
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    weights = checkpoint.check_tensors(expected, state)
+    del state
+    low = _matmul_weights(net) if dtype in ("bfloat16", "float16") else set()
+    weights = {
+        k: v.to(device=dev, dtype=DTYPES[dtype] if k in low else torch.float32, copy=True)
+        for k, v in weights.items()
+    }
+    t2 = time.perf_counter()
+    return HostModel(model_dir, dtype, dev, arch, labels, net, weights,
+                     {"parse_s": t1 - t0, "weights_s": t2 - t1})
+
+
 class Engine:
     """A loaded model.  Not thread-safe: one owner (the worker loop) calls it."""
 
@@ -119,6 +174,7 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.timings = timings
+        self.weights_bytes = 0  # the weights' bytes on the device (from_host sets it)
         keep = labels.keep if labels else ()
         self._vad: Any = None
         self._drop = torch.tensor([not k for k in keep], dtype=torch.bool, device=device)
@@ -135,51 +191,54 @@ class Engine:
     @classmethod
     def load(cls, model_dir: Path, *, device: str = "auto", dtype: str = "float32") -> Engine:
         """Read weights, build modules without random init, move/convert. Raises ModelError."""
-        t0 = time.perf_counter()
         dev = resolve_device(device)
         check_dtype(dtype, dev)
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise ModelError(f"model directory {model_dir} does not exist")
-        path = checkpoint.find_checkpoint(model_dir)
-        state = checkpoint.read_weights(path)
-        arch = checkpoint.derive_arch(state, checkpoint.read_config(model_dir))
-        labels = read_labels(model_dir, arch.classes) if arch.classes else None
+        # One pass from the mmap straight to the device: no host copy in between.
+        return cls.from_host(read_model(Path(model_dir), dtype=dtype, device=dev), dev)
+
+    @classmethod
+    def from_host(cls, host: HostModel, device: str | torch.device = "auto") -> Engine:
+        """The engine on `device` from weights already read (a standby worker's HostModel): CUDA
+        is initialised here, not before; on the CPU the host tensors are used as they are."""
+        t0 = time.perf_counter()
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        check_dtype(host.dtype, dev)
+        if dev.type == "cuda":
+            torch.empty(0, device=dev)  # creates the CUDA context: timed on its own
+            torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
-        with torch.device("meta"):
-            net = Emotion2vec(arch)
-        expected = {k: v.shape for k, v in net.state_dict().items()}
-        weights = checkpoint.check_tensors(expected, state)
-        del state
-        low = _matmul_weights(net) if dtype in ("bfloat16", "float16") else set()
-        # Copy out of the mmap (owned memory: a file replaced under us cannot SIGBUS us) and
-        # convert in the same pass; this is where the weight bytes are actually read.  Only the
-        # matmul/conv weights go to bf16/fp16: norms, biases of the stream and the head stay fp32.
-        weights = {
-            k: v.to(device=dev, dtype=DTYPES[dtype] if k in low else torch.float32, copy=True)
-            for k, v in weights.items()
-        }
+        weights = {k: v.to(device=dev) for k, v in host.weights.items()}  # CPU: no copy
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t2 = time.perf_counter()
+        net = host.net
         net.load_state_dict(weights, strict=True, assign=True)
         net.eval().requires_grad_(False)
-        if dtype == "int8":
+        if host.dtype == "int8":
             net = _quantize_int8(net)
         t3 = time.perf_counter()
-        timings = {"parse_s": t1 - t0, "weights_s": t2 - t1, "build_s": t3 - t2}
+        timings = dict(host.timings)
+        timings["build_s"] = t3 - t2
+        if host.device != dev:  # a standby's host copy went to the device now
+            timings["device_init_s"] = t1 - t0
+            timings["to_device_s"] = t2 - t1
+        arch = host.arch
         log.info(
             "model loaded dir=%s device=%s dtype=%s dim=%d heads=%d blocks=%d+%d classes=%d "
             "seconds=%.3f",
-            model_dir.name,
+            host.model_dir.name,
             dev,
-            dtype,
+            host.dtype,
             arch.dim,
             arch.heads,
             arch.prenet_blocks,
             arch.blocks,
             arch.classes,
-            t3 - t0,
+            sum(v for k, v in timings.items() if k != "import_s"),
         )
-        return cls(net, labels, dev, dtype, timings)
+        engine = cls(net, host.labels, dev, host.dtype, timings)
+        engine.weights_bytes = host.nbytes
+        return engine
 
     def warm_up(self, seconds: float = 0.5) -> float:
         """One inference on a synthetic clip so the first real request is not the slow one."""

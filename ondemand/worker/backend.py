@@ -1,7 +1,8 @@
 """The real worker backend: ondemand.model.engine (torch) behind the protocol loop.
 
-torch is imported on the first `load`, so `import_s` in the load timings is the interpreter's
-share of a cold start (peers.md lesson 8: cold start is imports more than weights)."""
+torch is imported on the first `prepare` or `load`, so `import_s` in their timings is the
+interpreter's share of a cold start (peers.md lesson 8: cold start is imports more than weights).
+A standby worker (`prepare`) holds a HostModel; the `load` that follows moves it to the device."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import numpy as np
 
 from ondemand import protocol as p
 from ondemand.errors import OutOfMemory
-from ondemand.worker.main import LoadInfo, PredictionLike
+from ondemand.worker.main import LoadInfo, PredictionLike, PrepareInfo
 
 
 class TorchBackend:
     def __init__(self) -> None:
         self.engine: Any = None
+        self.host: Any = None  # model/engine.py HostModel of a standby worker (Prepare)
+        self._host_key: tuple[str, str, str, str] | None = None
         self._vad: Any = None  # model/vad.py SileroVad, loaded at the first segments=vad job
 
     @property
@@ -40,22 +43,58 @@ class TorchBackend:
             self._vad = SileroVad()
         return self._vad.probs(source, start, stop)
 
+    def prepare(self, op: p.Prepare) -> PrepareInfo:
+        """Standby: torch and the engine imported, the weights read into host memory.  No
+        torch.cuda call and no pinned memory here (pinning initialises CUDA): the process must
+        hold nothing on any GPU (docs/ladder.md; tests/test_standby.py trips on any)."""
+        t0 = time.perf_counter()
+        import torch
+
+        from ondemand.model.engine import check_dtype, read_model
+        from ondemand.model.resolve import resolve_model
+
+        t1 = time.perf_counter()
+        self._drop_model()
+        if op.device == "cpu":
+            check_dtype(op.dtype or "float32", torch.device("cpu"))  # fp16 on a CPU: fail now
+        model_dir: Path = resolve_model(
+            op.model, revision=op.revision or "master", cache_dir=op.cache_dir or None
+        )
+        t2 = time.perf_counter()
+        host = read_model(model_dir, dtype=op.dtype or "float32")
+        self.host, self._host_key = host, _key(op)
+        timings = {"import_s": t1 - t0, "resolve_s": t2 - t1, **host.timings}
+        return PrepareInfo(weights_mb=host.nbytes / 2**20,
+                           cuda_initialized=bool(torch.cuda.is_initialized()),
+                           timings={k: round(v, 6) for k, v in timings.items()})
+
     def load(self, op: p.Load) -> LoadInfo:
         t0 = time.perf_counter()
         from ondemand.model.engine import Engine
         from ondemand.model.resolve import resolve_model
 
         t1 = time.perf_counter()
-        model_dir: Path = resolve_model(
-            op.model, revision=op.revision or "master", cache_dir=op.cache_dir or None
-        )
-        t2 = time.perf_counter()
-        engine = Engine.load(model_dir, device=op.device or "auto", dtype=op.dtype or "float32")
+        host, self.host = self.host, None
+        if host is not None and self._host_key == _key(op):
+            # Activation of a standby: only the device side is left (CUDA, copy, warm-up).
+            engine = Engine.from_host(host, op.device or "auto")
+            del host
+            timings = {"standby": 1.0, **engine.timings}
+        else:
+            del host
+            model_dir: Path = resolve_model(
+                op.model, revision=op.revision or "master", cache_dir=op.cache_dir or None
+            )
+            t2 = time.perf_counter()
+            engine = Engine.load(model_dir, device=op.device or "auto",
+                                 dtype=op.dtype or "float32")
+            timings = {"import_s": t1 - t0, "resolve_s": t2 - t1, **engine.timings}
         engine.warm_up()  # the first real request must not be the slow one (Triton warmup)
         self.engine = engine
-        timings = {"import_s": t1 - t0, "resolve_s": t2 - t1, **engine.timings}
+        timings["warmup_s"] = engine.timings["warmup_s"]
         return LoadInfo(device=str(engine.device), dtype=engine.dtype,
-                        timings={k: round(v, 6) for k, v in timings.items()})
+                        timings={k: round(v, 6) for k, v in timings.items()},
+                        weights_mb=round(engine.weights_bytes / 2**20, 3))
 
     def infer(
         self,
@@ -87,6 +126,15 @@ class TorchBackend:
 
     def unload(self) -> None:
         self._vad = None
+        self._drop_model()
+
+    def _drop_model(self) -> None:
+        self.host = None
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.unload()  # drops the weights and calls torch.cuda.empty_cache()
+
+
+def _key(op: p.Load | p.Prepare) -> tuple[str, str, str, str]:
+    """What must match for a Load to use the weights a Prepare read."""
+    return (op.model, op.revision, op.cache_dir, op.dtype)

@@ -73,11 +73,25 @@ class LoadInfo:
     device: str
     dtype: str
     timings: dict[str, float] = field(default_factory=dict)
+    weights_mb: float | None = None
+
+
+@dataclass(frozen=True)
+class PrepareInfo:
+    """What a backend reports after a prepare; the loop adds its seconds and the RSS."""
+
+    weights_mb: float
+    cuda_initialized: bool
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Backend(Protocol):
+    def prepare(self, op: p.Prepare) -> PrepareInfo:
+        """Standby: imports and weights in host memory, CUDA untouched.  Raise OndemandError."""
+
     def load(self, op: p.Load) -> LoadInfo:
-        """Load and warm up.  Raise OndemandError."""
+        """Load (using what a prepare read, when it matches) and warm up.  Raise
+        OndemandError."""
 
     def infer(
         self,
@@ -101,6 +115,15 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _protocol_stream() -> IO[str]:
@@ -173,6 +196,8 @@ class Worker:
         """Handle one op; False when the worker should exit."""
         if isinstance(op, p.Load):
             self.load(op)
+        elif isinstance(op, p.Prepare):
+            self.prepare(op)
         elif isinstance(op, p.Infer):
             self.infer(op)
         elif isinstance(op, p.Unload):
@@ -192,7 +217,23 @@ class Worker:
             return
         self.loaded = True
         self.send(p.Loaded(seconds=round(time.perf_counter() - t0, 6), device=info.device,
-                           dtype=info.dtype, timings=info.timings))
+                           dtype=info.dtype, timings=info.timings, weights_mb=info.weights_mb))
+
+    def prepare(self, op: p.Prepare) -> None:
+        t0 = time.perf_counter()
+        if self.loaded:
+            self.backend.unload()
+            self.loaded = False
+        try:
+            info = self.backend.prepare(op)
+        except Exception as e:  # reported like a failed load; the daemon decides what is next
+            err = _reported(e, "prepare")
+            self.send(p.LoadFailed(code=err.code, message=err.message))
+            return
+        gc.collect()
+        self.send(p.Prepared(seconds=round(time.perf_counter() - t0, 6),
+                             weights_mb=round(info.weights_mb, 3), host_mb=round(rss_mb(), 3),
+                             cuda_initialized=info.cuda_initialized, timings=info.timings))
 
     def unload(self) -> None:
         if self.loaded:
