@@ -25,6 +25,9 @@ ISSUE_SAMPLES = {
     "ondemand_gpu_power_watts",
     "ondemand_gpu_energy_joules_total",
     "ondemand_idle_cost_dollars_total",
+    "ondemand_worker_phase_seconds_total",
+    "ondemand_worker_host_memory_bytes",
+    "ondemand_gpu_yields_total",
 }
 FAMILIES = {
     "ondemand_worker_state": "gauge",
@@ -39,6 +42,9 @@ FAMILIES = {
     "ondemand_gpu_power_watts": "gauge",
     "ondemand_gpu_energy_joules": "counter",
     "ondemand_idle_cost_dollars": "counter",
+    "ondemand_worker_phase_seconds": "counter",
+    "ondemand_worker_host_memory_bytes": "gauge",
+    "ondemand_gpu_yields": "counter",
 }
 
 

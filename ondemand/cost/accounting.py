@@ -10,6 +10,8 @@ from supervisor states to ledger phases (docs/cost.md):
                                                               until it ends, then idle_timeout)
     unloading, unloaded, stopping         -> unloaded_alive  (the process still holds its CUDA
                                                               context, so the GPU is still held)
+    preparing, standby                    -> standby         (host memory only: not billed)
+    yielded                               -> yielded         (stepped aside: not billed)
 
 Every change runs, in order: sampler.flush() (a reading closes the old phase), ledger.record()
 (the new interval), sampler.retarget() and metrics.phase().  Callbacks run on the event loop
@@ -34,6 +36,7 @@ from ondemand.daemon.events import (
     JobFinished,
     ModelLoaded,
     StateChanged,
+    SteppedAside,
     WorkerActivity,
     WorkerExited,
 )
@@ -51,6 +54,9 @@ _PHASES: dict[WorkerState, Phase] = {
     WorkerState.UNLOADING: Phase.UNLOADED_ALIVE,
     WorkerState.UNLOADED: Phase.UNLOADED_ALIVE,
     WorkerState.STOPPING: Phase.UNLOADED_ALIVE,
+    WorkerState.PREPARING: Phase.STANDBY,
+    WorkerState.STANDBY: Phase.STANDBY,
+    WorkerState.YIELDED: Phase.YIELDED,
 }
 
 
@@ -121,6 +127,7 @@ class Accounting:
             bus.subscribe(self._on_loaded, ModelLoaded),
             bus.subscribe(self._on_exited, WorkerExited),
             bus.subscribe(self._on_job, JobFinished),
+            bus.subscribe(lambda ev: self.metrics.stepped_aside(ev.reason), SteppedAside),
         ]
         self.sampler.start(Phase.EXITED, (), self._gpu)
         log.info(
@@ -204,7 +211,7 @@ class Accounting:
         self._write(lambda: self.ledger.record(
             phase,
             at=at,
-            trigger=self._trigger if phase.alive else None,
+            trigger=self._trigger if phase.billed else None,
             idle_cause=idle_cause,
             hold_until=hold_until,
             gpu=self._gpu,

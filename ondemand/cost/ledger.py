@@ -1,8 +1,8 @@
 """The cost ledger: every worker interval, durably, in SQLite (WAL) under `storage.dir`.
 
 An interval is a stretch of time in one `Phase` (loading, ready_busy, ready_idle, unloaded_alive,
-exited) with what started the worker session (`trigger`: job / schedule / manual), for idle
-intervals why the worker was kept (`idle_cause`: schedule_hold / manual_hold / idle_timeout, with
+standby, yielded, exited) with what started the worker session (`trigger`: job / schedule /
+manual), for idle intervals why the worker was kept (`idle_cause`: schedule_hold / manual_hold / idle_timeout, with
 `hold_until` — time after it is idle-timeout tail), the GPU index and the PID.  Exactly one
 interval is open (end NULL) while the daemon runs; `record()` closes it and opens the next in one
 transaction, so the intervals tile time with no gap and no overlap while the daemon is up.
@@ -59,12 +59,20 @@ class Phase(StrEnum):
     READY_BUSY = "ready_busy"  # model loaded, at least one batch in flight
     READY_IDLE = "ready_idle"  # model loaded, nothing in flight: idle-warm
     UNLOADED_ALIVE = "unloaded_alive"  # process alive (CUDA context held), model dropped
+    STANDBY = "standby"  # a standby process: weights in host memory, CUDA never initialised
+    YIELDED = "yielded"  # stepped aside for other GPU work (a standby process may exist)
     EXITED = "exited"  # no worker process: nothing of ours on the GPU
 
     @property
     def alive(self) -> bool:
-        """A worker process exists, so the GPU is held (billed at `gpu_hour_usd`)."""
+        """A worker process (may) exist: sampled at `cost.sample_interval_s`, PID recorded."""
         return self is not Phase.EXITED
+
+    @property
+    def billed(self) -> bool:
+        """Our worker holds the GPU (a CUDA context at least): billed at `gpu_hour_usd`.
+        Standby and yielded hold none (docs/ladder.md), so they are not."""
+        return self not in (Phase.EXITED, Phase.STANDBY, Phase.YIELDED)
 
 
 class Trigger(StrEnum):

@@ -14,6 +14,10 @@ process do not collide).  Names align with peers (Triton, Ray Serve, llama-swap)
     ondemand_gpu_energy_joules_total{phase}      energy by ledger phase
     ondemand_idle_cost_dollars_total             GPU-hour price (+ energy) of idle-warm and
                                                  unloaded-alive time, growing while idle
+    ondemand_worker_phase_seconds_total{phase}   seconds in each ledger phase since start
+                                                 (standby and yielded: not GPU-billed)
+    ondemand_worker_host_memory_bytes            the worker process's RSS (a standby's cost)
+    ondemand_gpu_yields_total{reason}            times the worker stepped aside for other work
 
 Only event callbacks and sampler readings change these.  A scrape reads them and touches
 nothing else: it never counts as activity (no lease, no idle-timer reset).
@@ -93,6 +97,45 @@ class _IdleCost:
         )
 
 
+class _PhaseSeconds:
+    """`ondemand_worker_phase_seconds_total{phase}`: closed time per phase + the open stretch up
+    to the scrape (no timer), like the idle cost."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.closed = {p: 0.0 for p in Phase}
+        self._phase: Phase | None = None
+        self._since = 0.0
+
+    def enter(self, phase: Phase, at: float) -> None:
+        if self._phase is not None:
+            self.closed[self._phase] += max(0.0, at - self._since)
+        self._phase, self._since = phase, at
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family({})]
+
+    def collect(self) -> Iterable[Metric]:
+        values = dict(self.closed)
+        if self._phase is not None:
+            values[self._phase] += max(0.0, self._clock() - self._since)
+        return [self._family(values)]
+
+    @staticmethod
+    def _family(values: dict[Phase, float]) -> Metric:
+        fam = CounterMetricFamily(
+            "ondemand_worker_phase_seconds",
+            "Seconds the worker spent in each ledger phase (standby, yielded: not GPU-billed).",
+            labels=["phase"],
+        )
+        for p in Phase:
+            fam.add_metric([p.value], values.get(p, 0.0))
+        return fam
+
+
+YIELD_REASONS = ("other_processes", "insufficient_memory")
+
+
 class Metrics:
     def __init__(
         self,
@@ -151,8 +194,19 @@ class Metrics:
             ["phase"],
             registry=r,
         )
+        self.host_memory = Gauge(
+            "ondemand_worker_host_memory_bytes",
+            "Host memory (RSS) of the worker process; 0 without one.  In standby: its cost.",
+            registry=r,
+        )
+        self.yields = Counter(
+            "ondemand_gpu_yields", "Times the worker stepped aside for other GPU work.",
+            ["reason"], registry=r,
+        )
         self.idle_cost = _IdleCost(gpu_hour_usd / 3600.0, energy_kwh_usd / 3.6e6, clock)
         r.register(self.idle_cost)
+        self.phase_seconds = _PhaseSeconds(clock)
+        r.register(self.phase_seconds)
         # Every label value exists from the start, so rates and dashboards see zeros, not gaps.
         for s in self._states:
             self.worker_state.labels(state=s).set(0)
@@ -164,6 +218,8 @@ class Metrics:
             self.restarts.labels(reason=kind)
         for p in Phase:
             self.energy.labels(phase=p.value)
+        for reason in YIELD_REASONS:
+            self.yields.labels(reason=reason)
         # Expose exactly our names: no `*_created` series (the switch for them is process-wide
         # in prometheus-client, so filter here instead of flipping it for everyone).
         self._exposed = self.registry.restricted_registry(_sample_names(self.registry))
@@ -175,6 +231,10 @@ class Metrics:
 
     def phase(self, phase: Phase, at: float) -> None:
         self.idle_cost.enter(phase, at)
+        self.phase_seconds.enter(phase, at)
+
+    def stepped_aside(self, reason: str) -> None:
+        self.yields.labels(reason=reason).inc()
 
     def load_begun(self, trigger: Trigger) -> None:
         self.cold_starts.labels(trigger=trigger.value).inc()
@@ -195,6 +255,7 @@ class Metrics:
 
     def reading(self, r: Reading) -> None:
         s = r.sample
+        self.host_memory.set(s.rss_bytes if s.pids and s.rss_bytes is not None else 0)
         if s.gpu is not None:
             gpu = str(s.gpu)
             for scope, value in (

@@ -7,9 +7,10 @@ every figure; the rules that matter for exactness:
   counts only its part inside.  An open interval runs to `now`.
 * A cold start (a `loading` interval) belongs to the period and day in which it *began*, with
   its whole duration, so counts and seconds never split across days.
-* The GPU is billed (`gpu_hour_usd`) for every alive phase: loading, busy, idle-warm and
-  unloaded-alive (the CUDA context pins the GPU).  `covered` time is everything the ledger knows
-  about (alive + exited); time the daemon was down is in neither on-demand nor always-on.
+* The GPU is billed (`gpu_hour_usd`) for every phase that holds it: loading, busy, idle-warm and
+  unloaded-alive (the CUDA context pins the GPU); standby and yielded hold none and are not.
+  `covered` time is everything the ledger knows about (held + standby + yielded + exited); time
+  the daemon was down is in neither on-demand nor always-on.
 * Always-on is "loaded 24/7": every covered second billed, plus, with energy, the idle-warm mean
   power for every second that was not busy or loading.
 * Energy counts only where the power was measured; a state's mean watts = its energy / the
@@ -34,7 +35,7 @@ from ondemand.durations import is_duration, parse_duration
 DAY_S = 86400.0
 J_PER_KWH = 3.6e6
 LOADED = (Phase.LOADING, Phase.READY_BUSY, Phase.READY_IDLE)
-ALIVE = (*LOADED, Phase.UNLOADED_ALIVE)
+HELD = (*LOADED, Phase.UNLOADED_ALIVE)  # the GPU is held: billed (standby and yielded are not)
 MIN_GAPS = 3  # fewer observed gaps between jobs than this: no recommendation
 
 
@@ -70,6 +71,9 @@ def _idle_split(iv: Interval, s: float, e: float) -> dict[IdleCause, float]:
 
 
 def _cold_start_kind(iv: Interval) -> str:
+    """spawn (a new process), reload (in-process, from unloaded) or activate (a standby's)."""
+    if iv.reason == "activate":
+        return "activate"
     return "reload" if iv.from_state is Phase.UNLOADED_ALIVE else "spawn"
 
 
@@ -110,8 +114,8 @@ def summarize(
             if iv.end is not None and not _succeeded(iv):
                 failed += 1
 
-    held_s = sum(seconds[p] for p in ALIVE)
-    covered_s = held_s + seconds[Phase.EXITED]
+    held_s = sum(seconds[p] for p in HELD)
+    covered_s = sum(seconds.values())  # held + standby + yielded + exited
     rate = cfg.gpu_hour_usd / 3600.0
     mean_w = {p: energy_j[p] / power_s[p] for p in Phase if power_s[p] > 0}
     energy = _energy(seconds, energy_j, power_s, mean_w, covered_s)
@@ -334,15 +338,25 @@ def recommend(
     *,
     unload_after_s: float,
     exit_after_s: float,
+    standby: bool = False,
 ) -> dict[str, Any]:
     """Choose unload_after_s/exit_after_s that minimise idle-warm + cold-start cost over the
-    observed gaps between jobs (docs/cost.md, "Recommendation")."""
+    observed gaps between jobs (docs/cost.md, "Recommendation").  With `standby` the restart
+    after an exit is priced as an activation once one was observed."""
     gaps = demand_gaps(intervals)
     loads = [iv for iv in intervals if iv.state is Phase.LOADING and _succeeded(iv)]
     spawn_s = _mean([iv.end_or(now) - iv.start for iv in loads if _cold_start_kind(iv) == "spawn"])
     reload_s = _mean(
         [iv.end_or(now) - iv.start for iv in loads if _cold_start_kind(iv) == "reload"]
     )
+    activate_s = _mean(
+        [iv.end_or(now) - iv.start for iv in loads if _cold_start_kind(iv) == "activate"]
+    )
+    measured_spawn_s = spawn_s
+    if standby and activate_s is not None:
+        # With standby an exit is followed by an activation, not a fresh process: the exit
+        # rung's restart is priced with what activations took.
+        spawn_s = activate_s
     power: dict[Phase, float] = {}
     for phase in (Phase.READY_IDLE, Phase.UNLOADED_ALIVE, Phase.LOADING):
         ivs = [iv for iv in intervals if iv.state is phase and iv.power_s > 0]
@@ -350,10 +364,11 @@ def recommend(
             power[phase] = sum(iv.energy_j for iv in ivs) / sum(iv.power_s for iv in ivs)
     gpu = cfg.gpu_hour_usd / 3600.0
     per_j = cfg.energy_kwh_usd / J_PER_KWH
-    rate = {ph: gpu + power.get(ph, 0.0) * per_j for ph in (*power, *ALIVE)}
+    rate = {ph: gpu + power.get(ph, 0.0) * per_j for ph in (*power, *HELD)}
     out: dict[str, Any] = {
         "gaps": _gap_stats(gaps),
-        "load_seconds": {"spawn": spawn_s, "reload": reload_s},
+        "load_seconds": {"spawn": measured_spawn_s, "reload": reload_s,
+                         "activate": activate_s, "after_exit": spawn_s},
         "rates_usd_per_hour": {
             "ready_idle": rate[Phase.READY_IDLE] * 3600,
             "unloaded_alive": rate[Phase.UNLOADED_ALIVE] * 3600,
@@ -516,6 +531,7 @@ def document(
             "cold_start_penalty_usd": cfg.cold_start_penalty_usd,
             "unload_after_s": worker.unload_after_s,
             "exit_after_s": worker.exit_after_s,
+            "standby": worker.standby,
         },
         "periods": [report(intervals, p, now, cfg) for p in periods],
         "recommendation": recommend(
@@ -524,5 +540,6 @@ def document(
             cfg,
             unload_after_s=worker.unload_after_s,
             exit_after_s=worker.exit_after_s,
+            standby=worker.standby,
         ),
     }

@@ -15,6 +15,8 @@ Failure handling, job-aware:
 - worker hung or past its batch deadline (the supervisor SIGKILLs it): a crash, as above.
 - a job cancelled while its batch runs: its result is dropped when the batch returns (the store
   only finishes `running` jobs), the other jobs of the batch finish normally.
+- the supervisor steps aside for other GPU work (`Lease.revoked`): no new batch starts under the
+  lease; the running one finishes; the queued jobs wait for the next lease (state `yielded`).
 - shutdown: the running batch gets `server.stop_timeout_s` to finish, then its jobs are requeued
   without counting the attempt.
 - storage failing (disk full, I/O error) -- issue 10: a failed result write killed this task and
@@ -262,7 +264,9 @@ class Dispatcher:
                 cold_s = time.monotonic() - t0
                 # Jobs that arrived during the cold start join the first batch.
                 jobs = await self.store.queued(SCAN_LIMIT)
-                while jobs and not self._stopping:
+                # A revoked lease (the supervisor steps aside for other GPU work) starts no
+                # further batch: the jobs stay queued and the next lease waits for the GPU.
+                while jobs and not self._stopping and lease.revoked is None:
                     await self._run_batch(lease, self._form_batch(jobs), cold_s)
                     cold_s = 0.0
                     jobs = await self.store.queued(SCAN_LIMIT)

@@ -76,6 +76,18 @@ class WorkerExited(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SteppedAside(Event):
+    """The worker steps aside for other GPU work (`worker.yield_gpu`, docs/ladder.md): `reason`
+    other_processes (they grew into the free-memory floor while we held the GPU) or
+    insufficient_memory (a load's need did not fit); memory in MiB at that reading."""
+
+    reason: str
+    free_mb: float
+    need_mb: float
+    others_mb: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class JobFinished(Event):
     """A job reached a final state (done / failed / cancelled)."""
 

@@ -67,6 +67,7 @@ from ondemand.daemon.events import (
     JobProgress,
     ModelLoaded,
     StateChanged,
+    SteppedAside,
     WorkerActivity,
     WorkerExited,
 )
@@ -1084,6 +1085,8 @@ class Supervisor:
                     "(%s); loads wait until %.0f MiB are free for %gs", reason,
                     reading.free_mb, pol.need_mb, reading.others_mb, others or "not listed",
                     pol.resume_at_free_mb(), pol.settle_s)
+        self.bus.publish(SteppedAside(reason=reason, free_mb=reading.free_mb,
+                                      need_mb=pol.need_mb, others_mb=reading.others_mb))
         self._timers.cancel(TimerKind.IDLE)
         if self.state is S.READY and self._inflight > 0:
             self._revoked = "yield"  # the dispatcher starts no new batch; the last one ends
