@@ -301,7 +301,8 @@ async def status(request: web.Request) -> web.Response:
         "worker": app[SUPERVISOR].status().to_json(),
         "queue": {**counts, "max_pending": cfg.queue.max_pending},
         "idle": {"unload_after_s": cfg.worker.unload_after_s,
-                 "exit_after_s": cfg.worker.exit_after_s},
+                 "exit_after_s": cfg.worker.exit_after_s, "standby": cfg.worker.standby,
+                 "yield_gpu": cfg.worker.yield_gpu},
     })
 
 
