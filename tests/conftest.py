@@ -40,7 +40,7 @@ from ondemand.daemon.app import build_app
 from ondemand.daemon.events import Event, StateChanged, WorkerExited
 from ondemand.daemon.http import make_runner
 from ondemand.daemon.supervisor import Supervisor, make_spawn
-from ondemand.gpu import PsutilProbe
+from ondemand.gpu import GpuProbe, GpuProcess, GpuSample, PsutilProbe
 
 T = TypeVar("T")
 TESTS = Path(__file__).resolve().parent
@@ -257,14 +257,50 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+class ScriptedGpu:
+    """A GPU probe that says what the test scripts (for stepping aside, docs/ladder.md): total
+    memory, other processes and their memory (`others`: {pid: MiB}), and what our worker holds
+    (`ours(pid)`: MiB, for a live PID only).  NVML-like: `fallback` is False."""
+
+    name = "scripted"
+    fallback = False
+
+    def __init__(self, total_mb: float = 80_000.0) -> None:
+        self.total_mb = total_mb
+        self.others: dict[int, float] = {}
+        self.ours: Callable[[int], float] = lambda pid: 0.0
+        self.samples = 0
+
+    def free_mb(self, pids: list[int] | tuple[int, ...] = ()) -> float:
+        return self.total_mb - sum(self.others.values()) - sum(self.ours(p) for p in pids)
+
+    def sample(self, pids: Any, gpu: int | None) -> GpuSample:
+        self.samples += 1
+        alive = tuple(p for p in pids if pid_alive(p))
+        mine = sum(self.ours(p) for p in alive)
+        used = mine + sum(self.others.values())
+        procs = tuple(GpuProcess(pid, int(mb * 2**20)) for pid, mb in self.others.items())
+        procs += tuple(GpuProcess(p, int(self.ours(p) * 2**20)) for p in alive if self.ours(p))
+        return GpuSample(
+            source="nvml", gpu=gpu, pids=alive, pids_gpu_memory_bytes=int(mine * 2**20),
+            gpu_memory_used_bytes=int(used * 2**20),
+            gpu_memory_total_bytes=int(self.total_mb * 2**20), power_watts=None,
+            energy_joules=None, utilization_pct=None, pstate=None, rss_bytes=None,
+            cpu_seconds=None, processes=procs)
+
+    def close(self) -> None:
+        pass
+
+
 class Daemon:
     """The real front end on a real socket, with an injected worker command."""
 
     def __init__(self, cfg: config_mod.Config, *, worker_cmd: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, gpu: GpuProbe | None = None) -> None:
         self.cfg = cfg
         cmd = worker_cmd or [sys.executable, str(FAKE_WORKER)]
-        self.app = build_app(cfg, spawn=make_spawn(cmd, env or fake_env()), gpu=PsutilProbe())
+        self.app = build_app(cfg, spawn=make_spawn(cmd, env or fake_env()),
+                             gpu=gpu or PsutilProbe())
         self.events: list[Event] = []
         self.app[api.BUS].subscribe(self.events.append)
         # the production runner (as `ondemand serve`): parser refusals answer in JSON too
