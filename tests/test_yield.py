@@ -91,11 +91,11 @@ def test_thresholds_must_leave_a_gap() -> None:
 def test_config_refuses_a_resume_level_at_or_below_the_floor() -> None:
     from ondemand.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="worker.yield_resume_free_mb: must be >"):
+    with pytest.raises(ConfigError, match=r"worker\.yield_resume_free_mb: must be >"):
         daemon_config(Path("/nonexistent"), worker={"yield_free_below_mb": 3000})
 
 
-# -- the supervisor with a scripted GPU --------------------------------------------------------------
+# -- the supervisor with a scripted GPU ------------------------------------------------------
 HELD = ("loading", "ready", "unloading", "unloaded", "stopping")
 
 
