@@ -5,7 +5,8 @@ standby, yielded, exited) with what started the worker session (`trigger`: job /
 manual), for idle intervals why the worker was kept (`idle_cause`: schedule_hold / manual_hold /
 idle_timeout, with `hold_until` — time after it is idle-timeout tail), the GPU index and the
 PID.  Exactly one interval is open (end NULL) while the daemon runs; `record()` closes it and
-opens the next in one transaction, so the intervals tile time with no gap and no overlap while the daemon is up.
+opens the next in one transaction, so the intervals tile time with no gap and no overlap while
+the daemon is up.
 
 Samples add to the open interval (energy, memory peaks, CPU) and move its `last_seen`.
 
