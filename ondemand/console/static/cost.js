@@ -133,7 +133,8 @@ export class CostPanel {
       out.push(h("p", { class: "empty" }, "Nothing recorded yet: the ledger starts with the daemon and fills as the worker comes and goes."));
     } else {
       out.push(h("p", {}, `The GPU was held ${hours(hrs.gpu_held)} of the ${hours(period.covered_hours)} the daemon ran: `,
-        `${hours(hrs.loading)} loading, ${hours(hrs.ready_busy)} busy, ${hours(hrs.ready_idle)} idle-warm, ${hours(hrs.unloaded_alive)} unloaded-alive.`));
+        `${hours(hrs.loading)} loading, ${hours(hrs.ready_busy)} busy, ${hours(hrs.ready_idle)} idle-warm, ${hours(hrs.unloaded_alive)} unloaded-alive.`,
+        hrs.standby || hrs.yielded ? ` Not billed: ${hours(hrs.standby || 0)} in standby, ${hours(hrs.yielded || 0)} stepped aside.` : ""));
       out.push(h("p", { class: "money" }, "On demand ", h("strong", {}, money(c.on_demand_usd)), " vs always on ",
         h("strong", {}, money(c.always_on_usd)), `: saved ${money(c.savings_usd)}`,
         c.savings_pct != null ? ` (${c.savings_pct.toFixed(1)} %)` : "", ` at ${money(rate)} per GPU-hour`,

@@ -100,6 +100,15 @@ export class WorkerPanel {
       exit != null ? `exits in ${seconds(exit, 0)}` : null].filter(Boolean).join(", ");
     switch (w.state) {
       case "cold": return "No worker process: nothing held on the GPU. The next job, a schedule or Load starts one.";
+      case "preparing": return "Preparing a standby process: imports and weights into host memory, no GPU touched.";
+      case "standby": return "Standby: weights in host memory, CUDA never initialised, nothing held on the GPU. The next job or Load activates it.";
+      case "yielded": {
+        const y = w.yielded;
+        if (!y) return "Stepped aside for other GPU work; jobs wait.";
+        const others = (y.gpu && y.gpu.others || []).map((p) => `pid ${p.pid} (${p.memory_mb == null ? "?" : p.memory_mb.toFixed(0)} MiB)`).join(", ");
+        const why = y.reason === "insufficient_memory" ? "the model does not fit in the free GPU memory" : "other processes need the GPU memory";
+        return `Stepped aside: ${why}${others ? ` (${others})` : ""}. Jobs wait until ${y.resume_at_free_mb.toFixed(0)} MiB are free for ${seconds(y.settle_s, 0)}.`;
+      }
       case "starting": return `Starting a fresh worker process${by}.`;
       case "loading": return `Loading the model${by}.`;
       case "ready":
@@ -130,6 +139,7 @@ export class WorkerPanel {
     add("In flight", String(w.in_flight));
     if (this.queue) add("Queue", `${this.queue.queued} queued · ${this.queue.running} running · at most ${this.queue.max_pending}`);
     add("GPU memory", w.gpu_memory_mb == null ? (w.pid ? "not measured here (no NVML)" : "none held") : `${w.gpu_memory_mb.toFixed(0)} MiB`);
+    if (w.standby) add("Standby", `${w.standby.host_mb == null ? "?" : w.standby.host_mb.toFixed(0)} MiB host memory${w.standby.weights_mb == null ? "" : ` (${w.standby.weights_mb.toFixed(0)} MiB weights)`}`);
     add("Process", w.pid ? `pid ${w.pid} · ${w.device} · ${w.dtype}` : `none · ${w.device} · ${w.dtype}`);
     add("Model", w.model);
     add("Loads · processes", `${w.loads} · ${w.spawns}`);
