@@ -101,7 +101,7 @@ def op(kind: type[p.Prepare] | type[p.Load], device: str = "cpu", dtype: str = "
                 dtype=dtype)
 
 
-@pytest.mark.parametrize("device", ["cpu", "auto"])
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda"])
 def test_a_standby_worker_never_initialises_cuda(tmp_path: Path, device: str) -> None:
     w = RealWorker(tmp_path)
     try:
@@ -111,19 +111,31 @@ def test_a_standby_worker_never_initialises_cuda(tmp_path: Path, device: str) ->
         assert w.tripped() == []  # no torch.cuda call at all, no pinned memory
         assert ready.weights_mb > 0 and ready.host_mb > ready.weights_mb
         assert {"import_s", "resolve_s", "parse_s", "weights_s"} <= set(ready.timings)
-        # The load that follows uses those weights: no disk, no import, and it answers.
+        import torch
+
+        cpu_only = not torch.backends.cuda.is_built()
         w.send(op(p.Load, device))
+        if device == "cuda" and cpu_only:  # no GPU here: the load says so, from torch.cuda
+            failed = w.expect(p.LoadFailed)
+            assert failed.code == "device"
+            assert "torch.cuda.is_available" in w.tripped()  # the tripwire is live
+            return
         loaded = w.expect(p.Loaded)
-        assert loaded.timings["standby"] == 1.0 and "import_s" not in loaded.timings
+        if device == "cpu" or cpu_only:
+            # The CPU is the device: the prepare built and warmed the engine, the load hands
+            # it over.
+            assert loaded.timings == {"standby": 1.0} and "warmup_s" in ready.timings
+        else:  # a GPU: CUDA is initialised now, the weights copied, the warm-up run
+            assert loaded.timings["standby"] == 1.0 and "to_device_s" in loaded.timings
         assert loaded.weights_mb == pytest.approx(ready.weights_mb, rel=1e-3)
-        if device == "auto":  # the tripwire is live: resolving `auto` asks torch.cuda
-            assert "torch.cuda.is_available" in w.tripped()
         audio = tmp_path / "clip.npy"
         write_npy(audio, (0.1 * np.sin(np.arange(16000) / 8)).astype(np.float32), durable=False)
         w.send(p.Infer(batch="b1", granularity="utterance",
                        items=(p.InferItem(job="j1", key="clip", audio=str(audio)),)))
         (item,) = w.expect(p.Result).results
         assert item.error is None and item.result["labels"]
+        if cpu_only:  # a CPU-only build resolves `auto` without asking torch.cuda
+            assert w.tripped() == []
     finally:
         w.close()
 

@@ -2,10 +2,12 @@
 
 torch is imported on the first `prepare` or `load`, so `import_s` in their timings is the
 interpreter's share of a cold start (peers.md lesson 8: cold start is imports more than weights).
-A standby worker (`prepare`) holds a HostModel; the `load` that follows moves it to the device."""
+A standby worker (`prepare`) holds a HostModel (or, when the device is the CPU, an engine already
+warmed up); the `load` that follows moves it to the device."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,8 +23,10 @@ from ondemand.worker.main import LoadInfo, PredictionLike, PrepareInfo
 class TorchBackend:
     def __init__(self) -> None:
         self.engine: Any = None
-        self.host: Any = None  # model/engine.py HostModel of a standby worker (Prepare)
-        self._host_key: tuple[str, str, str, str] | None = None
+        # A standby worker's prepared model (Prepare): a model/engine.py HostModel (weights in
+        # host memory, for a GPU), or an Engine already built and warmed up on the CPU.
+        self.standby: Any = None
+        self._standby_key: tuple[str, ...] | None = None
         self._vad: Any = None  # model/vad.py SileroVad, loaded at the first segments=vad job
 
     @property
@@ -46,54 +50,70 @@ class TorchBackend:
     def prepare(self, op: p.Prepare) -> PrepareInfo:
         """Standby: torch and the engine imported, the weights read into host memory.  No
         torch.cuda call and no pinned memory here (pinning initialises CUDA): the process must
-        hold nothing on any GPU (docs/ladder.md; tests/test_standby.py trips on any)."""
+        hold nothing on any GPU (docs/ladder.md; tests/test_standby.py trips on any).  When the
+        device is the CPU itself there is no device runtime to keep away from, so the engine is
+        built and warmed up here too and a load only hands it over."""
         t0 = time.perf_counter()
         import torch
 
-        from ondemand.model.engine import check_dtype, read_model
+        from ondemand.model.engine import Engine, check_dtype, read_model
         from ondemand.model.resolve import resolve_model
 
         t1 = time.perf_counter()
         self._drop_model()
-        if op.device == "cpu":
+        on_cpu = _host_is_the_device(op.device, torch)
+        if on_cpu:
             check_dtype(op.dtype or "float32", torch.device("cpu"))  # fp16 on a CPU: fail now
         model_dir: Path = resolve_model(
             op.model, revision=op.revision or "master", cache_dir=op.cache_dir or None
         )
         t2 = time.perf_counter()
         host = read_model(model_dir, dtype=op.dtype or "float32")
-        self.host, self._host_key = host, _key(op)
+        nbytes = host.nbytes
         timings = {"import_s": t1 - t0, "resolve_s": t2 - t1, **host.timings}
-        return PrepareInfo(weights_mb=host.nbytes / 2**20,
+        if on_cpu:
+            engine = Engine.from_host(host, torch.device("cpu"))
+            timings["build_s"] = engine.timings["build_s"]
+            timings["warmup_s"] = engine.warm_up()
+            self.standby = engine
+        else:
+            self.standby = host
+        self._standby_key = _key(op)
+        return PrepareInfo(weights_mb=nbytes / 2**20,
                            cuda_initialized=bool(torch.cuda.is_initialized()),
                            timings={k: round(v, 6) for k, v in timings.items()})
 
     def load(self, op: p.Load) -> LoadInfo:
         t0 = time.perf_counter()
-        from ondemand.model.engine import Engine
+        from ondemand.model.engine import Engine, HostModel
         from ondemand.model.resolve import resolve_model
 
         t1 = time.perf_counter()
-        host, self.host = self.host, None
-        if host is not None and self._host_key == _key(op):
-            # Activation of a standby: only the device side is left (CUDA, copy, warm-up).
-            read_before = set(host.timings)  # the prepare's own figures, sent with prepared
-            engine = Engine.from_host(host, op.device or "auto")
-            del host
-            timings = {"standby": 1.0, **{k: v for k, v in engine.timings.items()
-                                          if k not in read_before}}
+        timings: dict[str, float]
+        ready, self.standby = self.standby, None
+        if ready is not None and self._standby_key == _key(op):
+            if isinstance(ready, HostModel):
+                # Activation on a GPU: only the device side is left (CUDA, copy, warm-up).
+                engine = Engine.from_host(ready, op.device or "auto")
+                del ready
+                engine.warm_up()  # the first real request must not be the slow one
+                timings = {"standby": 1.0, **{k: engine.timings[k] for k in (
+                    "device_init_s", "to_device_s", "build_s", "warmup_s")
+                    if k in engine.timings}}
+            else:  # built and warmed up on the CPU by the prepare
+                engine = ready
+                timings = {"standby": 1.0}
         else:
-            del host
+            del ready
             model_dir: Path = resolve_model(
                 op.model, revision=op.revision or "master", cache_dir=op.cache_dir or None
             )
             t2 = time.perf_counter()
             engine = Engine.load(model_dir, device=op.device or "auto",
                                  dtype=op.dtype or "float32")
+            engine.warm_up()  # the first real request must not be the slow one (Triton warmup)
             timings = {"import_s": t1 - t0, "resolve_s": t2 - t1, **engine.timings}
-        engine.warm_up()  # the first real request must not be the slow one (Triton warmup)
         self.engine = engine
-        timings["warmup_s"] = engine.timings["warmup_s"]
         return LoadInfo(device=str(engine.device), dtype=engine.dtype,
                         timings={k: round(v, 6) for k, v in timings.items()},
                         weights_mb=round(engine.weights_bytes / 2**20, 3))
@@ -131,12 +151,25 @@ class TorchBackend:
         self._drop_model()
 
     def _drop_model(self) -> None:
-        self.host = None
+        self.standby = None
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.unload()  # drops the weights and calls torch.cuda.empty_cache()
 
 
-def _key(op: p.Load | p.Prepare) -> tuple[str, str, str, str]:
-    """What must match for a Load to use the weights a Prepare read."""
-    return (op.model, op.revision, op.cache_dir, op.dtype)
+def _key(op: p.Load | p.Prepare) -> tuple[str, ...]:
+    """What must match for a Load to use what a Prepare read."""
+    return (op.model, op.revision, op.cache_dir, op.dtype, op.device)
+
+
+def _host_is_the_device(spec: str, torch: Any) -> bool:
+    """Whether `spec` can only mean the CPU, told without touching CUDA: `cpu`, or `auto` with a
+    torch built without CUDA or no GPU made visible (CUDA_VISIBLE_DEVICES empty or -1).
+    `torch.backends.cuda.is_built()` is a compile-time flag, not a driver call."""
+    if spec == "cpu":
+        return True
+    if spec != "auto":
+        return False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return not torch.backends.cuda.is_built() or (visible is not None
+                                                   and visible.strip() in ("", "-1"))
