@@ -199,8 +199,11 @@ class WorkerConfig:
     device: str = _setting("auto", device)
     dtype: str = _setting("float32", dtype)
     load_timeout_s: float = _setting(300.0, positive)
-    unload_after_s: float = _setting(300.0, sentinel_seconds)
-    exit_after_s: float = _setting(900.0, sentinel_seconds)
+    # The idle ladder (docs/ladder.md).  With standby on, the exit rung costs a sub-second
+    # activation and no GPU memory, so the in-process unload (CUDA context kept) is skipped by
+    # default: it holds the GPU for a reload that is no faster than an activation.
+    unload_after_s: float = _setting(-1.0, sentinel_seconds)
+    exit_after_s: float = _setting(120.0, sentinel_seconds)
     stop_timeout_s: float = _setting(10.0, positive)
     batch_audio_s: float = _setting(
         0.0, non_negative
