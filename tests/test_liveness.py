@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -30,8 +31,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ondemand import config as config_mod
 from ondemand import protocol as p
 from ondemand.daemon import api
+from ondemand.errors import ConfigError
 from ondemand.worker.main import LoadInfo, Worker
 from tests.conftest import (
     Daemon,
@@ -254,3 +257,19 @@ def test_worker_beats_from_a_thread_and_lines_never_interleave(tmp_path: Path) -
     assert [b.seconds for b in beats] == sorted(b.seconds for b in beats)
     assert isinstance(events[-1], p.Result)  # no beat after the answer
     assert events[-1].results[0].result == {"key": "k", "scores": [0.5, 0.5]}
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("worker", {"heartbeat_s": 2.0, "heartbeat_timeout_s": 3.0},
+     "worker.heartbeat_timeout_s: must be >= 2 x worker.heartbeat_s (4)"),
+    ("worker", {"heartbeat_s": 0}, "worker.heartbeat_s: must be > 0"),
+    ("worker", {"batch_deadline_factor": 0.5}, "worker.batch_deadline_factor: must be >= 1"),
+    ("worker", {"batch_default_speed": float("inf")},
+     "worker.batch_default_speed: must be a finite"),
+    ("storage", {"retry_min_s": 2.0, "retry_max_s": 1.0},
+     "storage.retry_max_s: must be >= storage.retry_min_s (2)"),
+])
+def test_liveness_settings_are_checked(section: str, values: dict[str, float],
+                                       message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_mod.build(config_mod.Config, {section: values})
