@@ -273,3 +273,25 @@ def test_liveness_settings_are_checked(section: str, values: dict[str, float],
                                        message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_mod.build(config_mod.Config, {section: values})
+
+
+def test_a_worker_that_never_answers_unload_is_killed_as_hung(tmp_path: Path) -> None:
+    """The unload is an op too: a worker that does not answer it within heartbeat_timeout_s is
+    hung (before, the daemon stayed `unloading` and every job waited forever)."""
+    cfg = daemon_config(tmp_path / "var", worker={**BEAT, "unload_after_s": 0})
+
+    async def main() -> None:
+        # the first worker's unload never finishes
+        worker = nth_spawn_worker(tmp_path / "spawns", 1, unload_s="60")
+        async with Daemon(cfg, worker_cmd=worker) as d:
+            first = await d.final((await d.submit(wav_bytes(0.5)))["id"])
+            assert first["status"] == "done"
+            await d.wait_state("unloading")
+            second = await d.submit(wav_bytes(0.5))  # waits for the model meanwhile
+            done = await d.final(second["id"], 20)
+            assert done["status"] == "done" and done["attempts"] == 1, done
+            exits = d.exits()
+            assert [e.kind for e in exits] == ["hung"] and "no answer" in exits[0].detail
+            assert d.sup.spawns == 2
+
+    run(main())
