@@ -7,7 +7,10 @@ list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_c
    shutdown's state changes are still recorded;
 2. store: opens SQLite and recovers interrupted jobs;
 3. supervisor: owns the worker; on the way down stops it (ask, wait, SIGKILL, reap);
-4. dispatcher: on the way down lets its batch finish (bounded by server.stop_timeout_s);
+3b. cluster (cluster/api.py): with cluster.backend = "ray", the Ray cluster's agent, replicas
+   and holds; nothing at all with "local";
+4. dispatcher (cluster/dispatch.py's RayDispatcher with "ray"): on the way down lets its batches
+   finish (bounded by server.stop_timeout_s);
 5. purge timer;
 6. prewarm scheduler (prewarm/api.py): last up, first down: no hold starts during shutdown.
 
@@ -27,15 +30,16 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ondemand.cluster import api as cluster_api
 from ondemand.config import Config
 from ondemand.cost import api as cost_api
 from ondemand.daemon import api, listen
 from ondemand.daemon import lock as storage_lock
-from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
 from ondemand.daemon.guard import TaskGuard
 from ondemand.daemon.http import Handler, error_middleware, make_runner, response_for
@@ -121,8 +125,10 @@ def build_app(
     *,
     spawn: Spawn | None = None,
     gpu: GpuProbe | None = None,
+    cluster: dict[str, Any] | None = None,
 ) -> web.Application:
-    """The daemon's app.  `spawn` and `gpu` are the injected boundaries (tests: fake worker)."""
+    """The daemon's app.  `spawn` and `gpu` are the injected boundaries (tests: fake worker);
+    `cluster` the cluster component's (cluster_api.context's keyword arguments)."""
     app = web.Application(
         middlewares=[error_middleware, _auth_middleware(cfg.auth_token())],
         client_max_size=int(cfg.server.max_upload_mb * 1024 * 1024) + 1024 * 1024,
@@ -153,8 +159,7 @@ def build_app(
         await sup.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
-        disp = Dispatcher(app[api.STORE], app[api.SUPERVISOR], bus, cfg.queue, cfg.worker,
-                          stop_timeout_s=cfg.server.stop_timeout_s, storage_cfg=cfg.storage)
+        disp = cluster_api.dispatcher(app, cfg)
         disp.start()
         app[api.DISPATCHER] = disp
         with guard.watching(disp.task):
@@ -174,6 +179,7 @@ def build_app(
         cost_api.context(cfg, gpu=gpu),
         store_ctx,
         supervisor_ctx,
+        cluster_api.context(cfg, **(cluster or {})),
         dispatcher_ctx,
         purge_ctx,
         prewarm_api.context(cfg),
