@@ -82,7 +82,23 @@ class Agent:
         serve.start(http_options={"host": s.serve_host, "port": s.serve_port})
         self.client = _get_global_client()
         self.deploy()
+        self.wait_routed(time.monotonic() + s.connect_timeout_s)
         self.send(m.Deployed(app=s.app, min_replicas=self.min_replicas))
+
+    def wait_routed(self, deadline: float) -> None:
+        """Until the application is RUNNING (its route answers) or failed: a batch posted
+        earlier would get a 404 (measured: about 2 s after deploy_apps on a loaded machine)."""
+        while time.monotonic() < deadline:
+            app = self.client.get_serve_details().get("applications", {}).get(self.start.app)
+            status = str((app or {}).get("status", "")).split(".")[-1]
+            if status in ("RUNNING", "DEPLOY_FAILED", "UNHEALTHY"):
+                if status != "RUNNING":
+                    log.warning("agent: application %s is %s: %s", self.start.app, status,
+                                (app or {}).get("message", ""))
+                return
+            time.sleep(min(0.2, self.start.poll_s))
+        raise TimeoutError(f"application {self.start.app} not running within "
+                           f"cluster.connect_timeout_s={self.start.connect_timeout_s:g}s")
 
     def app_config(self) -> dict[str, Any]:
         s, sc = self.start, self.start.scaling
@@ -274,4 +290,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip Ray's atexit disconnect (seconds on a loaded machine): the GCS sees the driver go
+    # either way, and the registry actor is detached.  Our stream is flushed per message.
+    sys.stderr.flush()
+    os._exit(code)

@@ -92,6 +92,15 @@ class ReplicaChanged(Event):
     reason: str = ""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClusterHold(Event):
+    """A hold began, was extended or ended: replicas idle until `until` (wall time; 0 = none)
+    are kept for `trigger` (schedule:<name>, manual)."""
+
+    until: float
+    trigger: str
+
+
 @dataclass
 class Replica:
     """One live replica as the front end knows it (`/v1/status` `cluster.replicas[]`)."""
@@ -299,6 +308,8 @@ class Cluster:
             case _Hold():
                 await self._on_hold(msg)
             case _Release():
+                if self._hold_trigger:
+                    self.bus.publish(ClusterHold(until=0.0, trigger=msg.trigger))
                 self._hold_until, self._hold_trigger = 0.0, ""
                 self._timers.cancel(TimerKind.HOLD_END)
                 msg.fut.set_result(None)
@@ -335,6 +346,7 @@ class Cluster:
                     self._agent.proc.kill()
         elif kind is TimerKind.HOLD_END:
             log.info("cluster hold ended trigger=%s", self._hold_trigger)
+            self.bus.publish(ClusterHold(until=0.0, trigger=self._hold_trigger))
             self._hold_trigger = ""
             await self._apply_min(wait=None)
 
@@ -512,7 +524,10 @@ class Cluster:
             log.info("replica %s %s node=%s pid=%d device=%s", ev.replica, ev.state,
                      ev.node[:8], ev.pid, ev.device)
         else:
-            if ev.state == old and ev.device == cur.device:
+            learned = bool(ev.node and not cur.node)  # the controller's first sight lacks it
+            if learned:
+                cur.node, cur.node_ip, cur.pid = ev.node, ev.node_ip, ev.pid or cur.pid
+            if ev.state == old and ev.device == cur.device and not learned:
                 return
             cur.state, cur.since, cur.device = ev.state, ev.at, ev.device
             cur.pid = ev.pid or cur.pid
@@ -523,7 +538,8 @@ class Cluster:
                 log.info("replica %s loaded in %.2fs on %s", ev.replica, ev.load_s, ev.device)
                 self.bus.publish(ModelLoaded(seconds=ev.load_s, trigger="cluster",
                                              pid=ev.pid, device=ev.device, fresh_process=True))
-        self.bus.publish(ReplicaChanged(replica=ev.replica, node=ev.node, node_ip=ev.node_ip,
+        node, node_ip = (cur.node, cur.node_ip) if cur is not None else (ev.node, ev.node_ip)
+        self.bus.publish(ReplicaChanged(replica=ev.replica, node=node, node_ip=node_ip,
                                         pid=ev.pid, device=ev.device, old=old, new=ev.state,
                                         at=ev.at, reason=ev.reason))
 
@@ -541,6 +557,8 @@ class Cluster:
             if until > self._hold_until:
                 self._hold_until, self._hold_trigger = until, msg.trigger
                 self._timers.arm(TimerKind.HOLD_END, msg.hold_s)
+                self.bus.publish(ClusterHold(until=time.time() + msg.hold_s,
+                                             trigger=msg.trigger))
             log.info("cluster hold %.0fs trigger=%s: keeping %d replica(s)", msg.hold_s,
                      msg.trigger, self.target_min())
         if msg.fut is not None and self.state is not S.READY:
