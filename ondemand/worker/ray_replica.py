@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import logging
 import os
+import pkgutil
 import tempfile
 import time
 from pathlib import Path
@@ -79,8 +79,9 @@ class Registry:
 
 
 def _backend(path: str) -> Backend:
-    module, _, attr = path.partition(":")
-    factory = getattr(importlib.import_module(module), attr)
+    """The engine backend named "module:Class": worker/backend.py's TorchBackend unless a test
+    injects another (the replica's counterpart of `worker.command`)."""
+    factory = pkgutil.resolve_name(path)
     backend: Backend = factory()
     return backend
 
