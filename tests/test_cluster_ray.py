@@ -147,7 +147,7 @@ class RayDaemon(Daemon):
 
 
 def _clips() -> list[tuple[str, bytes]]:
-    return [(name, (golden.AUDIO / f"{name}.{'flac' if 'long' in name else 'wav'}").read_bytes())
+    return [(Path(name).stem, (golden.AUDIO / name).read_bytes())
             for name in golden.clip_names()]
 
 
@@ -230,8 +230,11 @@ def test_scale_from_zero_and_back_with_cost_per_node(head: Head, tmp_path: Path)
             first_s = time.monotonic() - t0
             assert done["status"] == "done", done
             assert done["timings"]["cold_start_s"] > 0
+            async def loaded() -> bool:  # the agent relays it within cluster.poll_s
+                reps = (await d.cluster())["replicas"]
+                return len(reps) == 1 and reps[0]["state"] in ("idle", "busy")
+            await wait_for(loaded, 30, "the replica reported loaded")
             replicas = (await d.cluster())["replicas"]
-            assert len(replicas) == 1 and replicas[0]["state"] in ("idle", "busy")
             assert replicas[0]["node"] and replicas[0]["device"] == "cpu"
             assert replicas[0]["loaded_since"] is not None
 
