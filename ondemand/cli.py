@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ondemand.commands.daemon_cmds",  # serve, submit, status, load, unload
     "ondemand.commands.cost_cmd",  # cost
     "ondemand.commands.prewarm_cmd",  # prewarm
+    "ondemand.commands.token_cmd",  # token create
 ]
 
 

@@ -90,7 +90,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = _setting(8321, port)
     token: str = ""  # empty: ONDEMAND_TOKEN from the environment, else no auth
-    max_upload_mb: float = _setting(50.0, positive)
+    # Largest upload, MiB; the body is streamed to storage.dir/incoming, never held in memory.
+    # 640 fits an hour of CD-quality WAV (44.1 kHz, 16-bit stereo: 606 MiB).
+    max_upload_mb: float = _setting(640.0, positive)
     allow_insecure_bind: bool = False
     stop_timeout_s: float = _setting(60.0, positive)
     max_wait_s: float = _setting(60.0, non_negative)  # cap for ?wait= long-polls and /recognize
@@ -99,8 +101,9 @@ class ServerConfig:
     read_timeout_s: float = _setting(30.0, positive)
     # Uploads decoded at once; the rest wait their turn.  Bounds the front end's decode memory.
     max_concurrent_decodes: int = _setting(2, positive)
-    # Upload bodies held in memory at once (received or waiting for a decode), MB.
-    max_buffered_uploads_mb: float = _setting(200.0, positive)
+    # Upload bodies held at once (being received into storage.dir/incoming, or waiting for their
+    # decode), MiB: a disk budget; each body in memory is one 1 MiB write buffer at most.
+    max_buffered_uploads_mb: float = _setting(1280.0, positive)
 
     def cross_check(self) -> tuple[str, str] | None:
         if self.max_buffered_uploads_mb < self.max_upload_mb:
@@ -125,20 +128,69 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AudioConfig:
+    # Longest recording classified whole (segments=none): attention over a clip grows
+    # quadratically with its length.
     max_seconds: float = _setting(120.0, positive)
     min_seconds: float = _setting(0.025, non_negative)  # 400 samples at 16 kHz
-    # Source samples x channels x 8 bytes (float64) an upload may hold: the decode's cost.
+    # Source samples x channels x 8 bytes (float64) an upload of max_seconds may hold: the
+    # decode's cost.  A segmented upload gets the same per second: x max_segmented_seconds /
+    # max_seconds.
     max_decode_mb: float = _setting(MAX_DECODE_MB, positive)
+    # Longest recording with segments=vad or fixed (a timeline; memory follows the batch).
+    max_segmented_seconds: float = _setting(4 * 3600.0, positive)
+
+    def decode_mb(self, segmented: bool) -> float:
+        """The source-sample budget of one upload (max_decode_mb, scaled for segmented ones)."""
+        if not segmented:
+            return self.max_decode_mb
+        return self.max_decode_mb * self.max_segmented_seconds / self.max_seconds
 
     def cross_check(self) -> tuple[str, str] | None:
         if self.min_seconds >= self.max_seconds:
             return "min_seconds", (f"must be < audio.max_seconds ({self.max_seconds:g}), "
                                    f"got {self.min_seconds:g}")
+        if self.max_segmented_seconds < self.max_seconds:
+            return "max_segmented_seconds", (
+                f"must be >= audio.max_seconds ({self.max_seconds:g}), "
+                f"got {self.max_segmented_seconds:g}")
         floor_mb = self.max_seconds * SAMPLE_RATE * 8 / 2**20
         if self.max_decode_mb < floor_mb:
             return "max_decode_mb", (
                 f"must be >= {floor_mb:.3g} (a 16 kHz mono clip of audio.max_seconds), "
                 f"got {self.max_decode_mb:g}")
+        return None
+
+
+def unit_interval(v: float) -> str | None:
+    return None if 0 < v < 1 else f"must be in (0, 1), got {v}"
+
+
+@dataclass(frozen=True)
+class SegmentsConfig:
+    """Timelines of long recordings: segments=vad and segments=fixed (ondemand/segments.py,
+    docs/recordings.md)."""
+
+    # Silero VAD speech probability at which speech starts (it ends below this - 0.15).
+    vad_threshold: float = _setting(0.5, unit_interval)
+    # Speech bursts shorter than this (after merging) are dropped, seconds.
+    min_speech_s: float = _setting(0.25, non_negative)
+    # Pauses shorter than this join the speech around them into one segment, seconds.
+    merge_pause_s: float = _setting(0.5, non_negative)
+    # Longest segment (VAD segments are split at their quietest point; fixed windows may not
+    # exceed it), seconds; also bounds the attention cost per segment.
+    max_segment_s: float = _setting(15.0, positive)
+    # Speech padding added at each side of a VAD segment (never across into the next), seconds.
+    pad_s: float = _setting(0.05, non_negative)
+    # segments=fixed defaults: windows of window_s every hop_s seconds.
+    window_s: float = _setting(3.0, positive)
+    hop_s: float = _setting(1.0, positive)
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.max_segment_s < 0.5:
+            return "max_segment_s", f"must be >= 0.5, got {self.max_segment_s:g}"
+        if self.window_s > self.max_segment_s:
+            return "window_s", (f"must be <= segments.max_segment_s ({self.max_segment_s:g}), "
+                                f"got {self.window_s:g}")
         return None
 
 
@@ -401,10 +453,20 @@ def build_tokens(value: Any, key: str) -> tuple[TokenConfig, ...]:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The web console at `/` and its event stream `GET /v1/events` (docs/console.md)."""
+
+    enabled: bool = True  # false: `/` answers 404 as before; the API (and /v1/events) stay
+    events_heartbeat_s: float = _setting(15.0, positive)  # comment line on an idle stream
+    events_buffer: int = _setting(1000, positive)  # recent events kept for Last-Event-ID resume
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    segments: SegmentsConfig = field(default_factory=SegmentsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -412,6 +474,7 @@ class Config:
     # `[[prewarm]]` tables, in file order; key paths count from 1 (`prewarm[1].cron`).
     prewarm: tuple[PrewarmRule, ...] = field(default=(), metadata={"build": build_rules})
     prewarm_lead: PrewarmLeadConfig = field(default_factory=PrewarmLeadConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     # `[[tokens]]` tables: named, scoped tokens (daemon/auth.py); `tokens[1].name` is the first.
     tokens: tuple[TokenConfig, ...] = field(default=(), metadata={"build": build_tokens})

@@ -51,15 +51,37 @@ class ErrorInfo:
         return {"code": self.code, "message": self.message}
 
 
+SegmentMode = Literal["vad", "fixed"]
+SEGMENT_MODES: tuple[SegmentMode, ...] = ("vad", "fixed")
+
+
+@dataclass(frozen=True)
+class Segmenting:
+    """How a segmented job's recording is cut (ondemand/segments.py): `vad` (speech found by
+    Silero VAD, merged across pauses shorter than `merge_pause_s`, split above `max_segment_s`)
+    or `fixed` (windows of `window_s` every `hop_s`).  The daemon's [segments] settings travel
+    with the job, so the worker needs no configuration."""
+
+    mode: SegmentMode
+    window_s: float = 3.0
+    hop_s: float = 1.0
+    vad_threshold: float = 0.5
+    min_speech_s: float = 0.25
+    merge_pause_s: float = 0.5
+    max_segment_s: float = 15.0
+    pad_s: float = 0.05
+
+
 @dataclass(frozen=True)
 class InferItem:
     """One job of a batch: its spooled audio (16 kHz float32 .npy) and, when the client asked
-    for one, where to write its embedding."""
+    for one, where to write its embedding; `segments` when the job wants a timeline."""
 
     job: str
     key: str
     audio: str
     embedding: str | None = None
+    segments: Segmenting | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,18 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """How much of a segmented job's recording is done: every segment ending before `done_s`
+    is classified (sent between the worker's model batches, at most every few seconds)."""
+
+    TAG: ClassVar[str] = "progress"
+    batch: str
+    job: str
+    done_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
 class BatchFailed:
     """The whole batch failed (out_of_memory: retry it smaller; not_loaded; internal)."""
 
@@ -177,13 +211,15 @@ class Unloaded:
 
 
 Op: TypeAlias = Load | Infer | Unload | Exit
-Event: TypeAlias = Hello | Loaded | LoadFailed | Heartbeat | Result | BatchFailed | Unloaded
+Event: TypeAlias = (Hello | Loaded | LoadFailed | Heartbeat | Progress | Result | BatchFailed
+                    | Unloaded)
 Message: TypeAlias = Op | Event
 
 _OP_TYPES = (Load, Infer, Unload, Exit)
 OPS: dict[str, type[Op]] = {c.TAG: c for c in _OP_TYPES}
 EVENTS: dict[str, type[Event]] = {
-    c.TAG: c for c in (Hello, Loaded, LoadFailed, Heartbeat, Result, BatchFailed, Unloaded)
+    c.TAG: c for c in (Hello, Loaded, LoadFailed, Heartbeat, Progress, Result, BatchFailed,
+                       Unloaded)
 }
 
 
@@ -290,8 +326,20 @@ def _names(cls: type) -> set[str]:
 
 def _item(obj: object, where: str) -> InferItem:
     f = _Fields(obj, where, _names(InferItem))
+    raw = f.mapping("segments", optional=True)
+    segments = None if raw is None else _segmenting(raw, f"{where}.segments")
     return InferItem(job=f.string("job"), key=f.string("key"), audio=f.string("audio"),
-                     embedding=f.opt_string("embedding"))
+                     embedding=f.opt_string("embedding"), segments=segments)
+
+
+def _segmenting(obj: object, where: str) -> Segmenting:
+    f = _Fields(obj, where, _names(Segmenting))
+    mode = f.string("mode")
+    for m in SEGMENT_MODES:
+        if mode == m:
+            return Segmenting(mode=m, **{k: f.number(k) for k in _names(Segmenting) - {"mode"}})
+    raise ProtocolError(f"{where}.mode: expected one of {', '.join(SEGMENT_MODES)}, got "
+                        f"{_kind(mode)}")
 
 
 def _item_result(obj: object, where: str) -> ItemResult:
@@ -331,6 +379,9 @@ def _message(cls: type[Message], f: _Fields) -> Message:
         return LoadFailed(code=f.string("code"), message=f.string("message"))
     if cls is Heartbeat:
         return Heartbeat(batch=f.string("batch"), seconds=f.number("seconds"))
+    if cls is Progress:
+        return Progress(batch=f.string("batch"), job=f.string("job"), done_s=f.number("done_s"),
+                        total_s=f.number("total_s"))
     if cls is Result:
         results = tuple(_item_result(x, f"{w}.results[{i}]")
                         for i, x in enumerate(f.array("results")))

@@ -20,6 +20,8 @@ Run as `python tests/fake_worker.py`.  Knobs (environment variables):
   FAKE_EXIT_S=0           seconds the process takes to exit after an `exit` op (or EOF on stdin);
                           with FAKE_EXIT_S > worker.stop_timeout_s the stop escalates to SIGKILL
   FAKE_LOG=PATH           append one JSON line per op: {"pid", "op", "n", "keys"}
+  FAKE_SEGMENTS=N         results carry N `segments` ({start_s, end_s, scores}), as segment-level
+                          analysis of long recordings would (the console draws them)
 """
 
 from __future__ import annotations
@@ -69,10 +71,20 @@ class FakePrediction:
         if self.nan:
             scores = [float("nan")] * len(LABELS)
         top = int(np.argmax(scores))
-        return {"key": self.key, "labels": LABELS, "scores": scores,
-                "top": {"label": LABELS[top], "score": scores[top]},
-                "frames": max(1, (self.samples - 400) // 320 + 1),
-                "duration_s": round(self.samples / 16000, 6)}
+        out: dict[str, Any] = {
+            "key": self.key, "labels": LABELS, "scores": scores,
+            "top": {"label": LABELS[top], "score": scores[top]},
+            "frames": max(1, (self.samples - 400) // 320 + 1),
+            "duration_s": round(self.samples / 16000, 6)}
+        n = int(_env("FAKE_SEGMENTS", "0"))
+        if n:
+            step = out["duration_s"] / n  # segment i peaks on label i (mod the label count)
+            out["segments"] = [
+                {"start_s": round(i * step, 6), "end_s": round((i + 1) * step, 6),
+                 "scores": [0.7 if j == i % len(LABELS) else 0.3 / (len(LABELS) - 1)
+                            for j in range(len(LABELS))]}
+                for i in range(n)]
+        return out
 
 
 class FakeBackend:
@@ -127,6 +139,17 @@ class FakeBackend:
             out.append(FakePrediction(key, len(samples), granularity, emb,
                                       nan=bool(nan) and nan in key))
         return out
+
+    labels = LABELS
+    budget_s = 6.0
+
+    def speech_probs(self, source: Any, start: int, stop: int) -> np.ndarray:
+        """A stand-in for Silero VAD: loud 512-sample windows are speech."""
+        x = source.read(start, stop)
+        n = -(-len(x) // 512)
+        x = np.pad(x, (0, n * 512 - len(x)))
+        rms = np.sqrt((x.reshape(n, 512).astype(np.float64) ** 2).mean(axis=1))
+        return np.clip(rms * 10, 0.0, 1.0).astype(np.float32)
 
     def unload(self) -> None:
         _log("unload")

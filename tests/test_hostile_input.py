@@ -265,23 +265,23 @@ def test_daemon_refuses_hostile_audio_and_queues_nothing(tmp_path: Path) -> None
 
 
 class GatedDecode:
-    """Wraps ondemand.daemon.upload.decode: counts decodes running at once, holds each at a
+    """Wraps ondemand.daemon.upload.decode_to: counts decodes running at once, holds each at a
     gate until the test opens it."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.lock = threading.Lock()
         self.active = self.most = self.entered = 0
-        self.real = upload_mod.decode
+        self.real = upload_mod.decode_to
 
-    def __call__(self, data: bytes, **kw: Any) -> Any:
+    def __call__(self, *data: Any, **kw: Any) -> Any:
         with self.lock:
             self.active += 1
             self.entered += 1
             self.most = max(self.most, self.active)
         try:
             assert self.gate.wait(30)
-            return self.real(data, **kw)
+            return self.real(*data, **kw)
         finally:
             with self.lock:
                 self.active -= 1
@@ -290,7 +290,7 @@ class GatedDecode:
 @pytest.fixture
 def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedDecode]:
     g = GatedDecode()
-    monkeypatch.setattr(upload_mod, "decode", g)
+    monkeypatch.setattr(upload_mod, "decode_to", g)
     yield g
     g.gate.set()
 
@@ -315,7 +315,7 @@ def test_decodes_run_at_most_max_concurrent_decodes_at_once(
     run(main())
 
 
-def test_upload_bodies_in_memory_stay_within_max_buffered_uploads_mb(
+def test_upload_bodies_held_at_once_stay_within_max_buffered_uploads_mb(
     tmp_path: Path, gated: GatedDecode
 ) -> None:
     clip = wav_bytes(1.0)  # 64 KB
@@ -369,17 +369,23 @@ def test_a_cancelled_wait_for_room_gives_its_place_up() -> None:
 def test_a_cancelled_upload_keeps_its_slot_until_its_decode_ends(
     tmp_path: Path, gated: GatedDecode
 ) -> None:
+    body = tmp_path / "body.wav"
+    body.write_bytes(wav_bytes(0.5))
+    limits = audio.Limits(120.0)
+
     async def main() -> None:
         decoder = upload_mod.Decoder(daemon_config(tmp_path).audio, slots=1)
-        first = asyncio.create_task(decoder.decode(upload_mod.Upload(wav_bytes(0.5), "", {})))
+        first = asyncio.create_task(decoder.decode(upload_mod.Upload(body, "", {}),
+                                                   tmp_path / "1.npy", limits))
         await wait_for(lambda: gated.entered == 1, what="first decode running")
         first.cancel()
-        second = asyncio.create_task(decoder.decode(upload_mod.Upload(wav_bytes(0.5), "", {})))
+        second = asyncio.create_task(decoder.decode(upload_mod.Upload(body, "", {}),
+                                                    tmp_path / "2.npy", limits))
         await wait_for(lambda: first.done() and decoder.waiting == 1, what="second waiting")
         # the first request is gone, but its thread still decodes: the second may not start
         assert decoder.running == 1 and gated.entered == 1
         gated.gate.set()
-        assert (await second).samples.size == SAMPLE_RATE // 2
+        assert (await second).samples == SAMPLE_RATE // 2
         assert gated.most == 1 and decoder.running == 0
 
     run(main())
@@ -457,8 +463,9 @@ def test_the_stall_limit_is_between_chunks_not_for_the_whole_body(tmp_path: Path
     async def read(gap_s: float) -> tuple[bytes, float]:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        got = await upload_mod.read_upload(PacedBody(data, gap_s), server)  # type: ignore[arg-type]
-        return got.audio, loop.time() - start
+        got = await upload_mod.read_upload(PacedBody(data, gap_s), server,  # type: ignore[arg-type]
+                                           tmp_path)
+        return got.path.read_bytes(), loop.time() - start
 
     audio_, took = run_virtual(read(0.9))  # slow but moving: 16 s in all, never 1 s silent
     assert audio_ == data and took > 10

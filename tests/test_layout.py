@@ -27,8 +27,8 @@ PKG = Path(ondemand.__file__).resolve().parent
 ENTRY_POINTS = ("cli.py", "__main__.py", "client.py")  # top-level modules that are not core
 CORE = "<core>"  # top-level modules other than ENTRY_POINTS: config, errors, audio, gpu, ...
 EVERYWHERE = "<all>"
-FRONT_END_PACKAGES = ("ondemand.daemon", "ondemand.cost", "ondemand.prewarm", "ondemand.commands",
-                      "ondemand.cli", "ondemand.client")
+FRONT_END_PACKAGES = ("ondemand.daemon", "ondemand.console", "ondemand.cost", "ondemand.prewarm",
+                      "ondemand.commands", "ondemand.cli", "ondemand.client")
 WORKER_SIDE = ("ondemand.worker", "ondemand.model")
 # cluster/ runs in the front end, except agent.py (its own process, the one Ray driver); its
 # messages.py and wire.py are pure like core: the agent and the replica import them too.
@@ -49,7 +49,8 @@ RULES = (
     Rule("torch only in the worker process",
          who=(EVERYWHERE,), but_not=("worker/", "model/"), never=("torch",)),
     Rule("the front end never imports the worker's code",
-         who=("daemon/", "cost/", "prewarm/", "commands/", "cluster/", CORE, *ENTRY_POINTS),
+         who=("daemon/", "console/", "cost/", "prewarm/", "commands/", "cluster/", CORE,
+              *ENTRY_POINTS),
          never=WORKER_SIDE,
          # `ondemand infer` / `make-test-model` run the engine in the CLI's own process; lazily,
          # so `ondemand serve` (same parser) stays torch-free.  The cluster agent (a process of
@@ -66,6 +67,9 @@ RULES = (
                   ("worker/ray_replica.py", "ondemand.cluster.wire"))),
     Rule("the worker process never imports the front end",
          who=("worker/", "model/"), never=FRONT_END_PACKAGES),
+    # The client package runs in the user's program: core (errors, config) and itself only
+    Rule("the SDK imports only core modules",
+         who=("sdk/",), never=FRONT_END_PACKAGES + WORKER_SIDE),
     Rule("core modules import only core modules",
          # prewarm/rules.py is here because core imports it: it must be as pure as core
          who=(CORE, "client.py", "prewarm/rules.py", *CLUSTER_PURE),
@@ -240,7 +244,8 @@ def test_import_rule(rule: Rule) -> None:
 
 def test_rules_cover_every_module() -> None:
     """Every module is under some folder the rules know: a new folder gets a line in RULES."""
-    known = ("daemon/", "cost/", "prewarm/", "commands/", "worker/", "model/", "cluster/")
+    known = ("daemon/", "console/", "cost/", "prewarm/", "commands/", "worker/", "model/", "sdk/",
+             "cluster/")
     for rel in all_modules():
         file = rel.as_posix()
         assert "/" not in file or file.startswith(known), f"ondemand/{file}: add it to RULES"

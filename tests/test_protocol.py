@@ -26,6 +26,11 @@ MESSAGES: list[p.Message] = [
                    p.InferItem(job="j2", key="", audio="/spool/j2.npy",
                                embedding="/spool/j2.emb.npy"))),
     p.Infer(batch="b2", granularity="frame", items=(), batch_audio_s=60.0, heartbeat_s=2.0),
+    p.Infer(batch="b4", granularity="utterance", items=(
+        p.InferItem(job="j3", key="call", audio="/spool/j3.npy",
+                    segments=p.Segmenting(mode="fixed", window_s=2.0, hop_s=0.5)),
+        p.InferItem(job="j4", key="memo", audio="/spool/j4.npy",
+                    segments=p.Segmenting(mode="vad", vad_threshold=0.6)))),
     p.Unload(),
     p.Exit(),
     p.Hello(pid=1234),
@@ -34,6 +39,7 @@ MESSAGES: list[p.Message] = [
     p.Loaded(seconds=0.1, device="cpu", dtype="float32"),
     p.LoadFailed(code="model_not_found", message="no such model"),
     p.Heartbeat(batch="b1", seconds=4.25),
+    p.Progress(batch="b4", job="j3", done_s=61.5, total_s=3600.0),
     p.Result(batch="b1", seconds=0.42, results=(
         p.ItemResult(job="j1", result={"key": "a.wav", "labels": ["x"], "scores": [1.0],
                                        "top": {"label": "x", "score": 1.0}, "frames": 3,
@@ -70,7 +76,10 @@ def test_wire_format_is_the_documented_one() -> None:
     assert json.loads(p.encode(p.Hello(pid=7))) == {"event": "hello", "pid": 7}
     assert json.loads(p.encode(p.Exit())) == {"op": "exit"}
     item = json.loads(p.encode(MESSAGES[1]))["items"][0]
-    assert item == {"job": "j1", "key": "a.wav", "audio": "/spool/j1.npy", "embedding": None}
+    assert item == {"job": "j1", "key": "a.wav", "audio": "/spool/j1.npy", "embedding": None,
+                    "segments": None}
+    seg = json.loads(p.encode(MESSAGES[3]))["items"][0]["segments"]
+    assert seg["mode"] == "fixed" and seg["window_s"] == 2.0 and seg["hop_s"] == 0.5
 
 
 def _line(**obj: Any) -> str:
@@ -90,7 +99,7 @@ MALFORMED: list[tuple[str, str | bytes, str]] = [
     ("a number", "42", "expected a JSON object, got an integer"),
     ("no tag", _line(pid=1), "neither 'op' nor 'event'"),
     ("both tags", _line(op="exit", event="hello"), "both 'op' and 'event'"),
-    ("unknown event", _line(event="progress", done=3), "unknown event 'progress'"),
+    ("unknown event", _line(event="telemetry", done=3), "unknown event 'telemetry'"),
     ("unknown op", _line(op="reboot"), "unknown op 'reboot'"),
     ("tag not a string", _line(event=3), "unknown event 3"),
     ("missing field", _line(event="hello"), "hello: missing field 'pid'"),
@@ -151,7 +160,7 @@ BREAKS_PROTOCOL = (
     "import os, sys, time\n"
     "from ondemand import protocol\n"
     "sys.stdout.write(protocol.encode(protocol.Hello(pid=os.getpid())))\n"
-    "sys.stdout.write('{\"event\": \"progress\", \"done\": 3}\\n')\n"
+    "sys.stdout.write('{\"event\": \"telemetry\", \"done\": 3}\\n')\n"
     "sys.stdout.flush()\n"
     "time.sleep(60)\n"
 )
@@ -167,7 +176,7 @@ def test_the_daemon_kills_a_worker_that_breaks_the_protocol() -> None:
         rc = await asyncio.wait_for(exited, 20)
         kind, detail = proc.classify(rc)
         assert kind is ExitKind.PROTOCOL_ERROR, (kind, detail)
-        assert "unknown event 'progress'" in detail and "SIGKILL" in detail
+        assert "unknown event 'telemetry'" in detail and "SIGKILL" in detail
         assert events == [p.Hello(pid=proc.pid)]  # the good line before it got through
         proc.close()
 

@@ -382,3 +382,14 @@ def test_database_failing_at_run_time_is_503_and_not_ready_logged_once(
         run(main())
     failing = [r for r in caplog.records if "store database failing" in r.getMessage()]
     assert len(failing) == 1
+
+
+def test_cost_command_on_a_damaged_ledger_says_so_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / LEDGER_FILE).write_bytes(os.urandom(5000))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[storage]\ndir = "{tmp_path}"\n')
+    out = subprocess.run([sys.executable, "-m", "ondemand", "cost", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert f"cannot read the cost ledger {tmp_path / LEDGER_FILE}" in out.stderr

@@ -55,7 +55,7 @@ def context(
 def dispatcher(app: web.Application, cfg: Config) -> Dispatcher:
     """The dispatcher for the configured backend."""
     common: dict[str, Any] = {"stop_timeout_s": cfg.server.stop_timeout_s,
-                              "storage_cfg": cfg.storage}
+                              "storage_cfg": cfg.storage, "segments_cfg": cfg.segments}
     store, sup, bus = app[api.STORE], app[api.SUPERVISOR], app[api.BUS]
     if cfg.cluster.backend == "ray":
         return RayDispatcher(store, sup, bus, cfg.queue, cfg.worker, app[CLUSTER], **common)

@@ -28,15 +28,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from ondemand import protocol
 from ondemand.cluster import wire
 from ondemand.cluster.link import Cluster
-from ondemand.config import ClusterConfig, QueueConfig, StorageConfig, WorkerConfig
+from ondemand.config import ClusterConfig, QueueConfig, WorkerConfig
 from ondemand.daemon.dispatcher import SCAN_LIMIT, Dispatcher, _Abandoned
-from ondemand.daemon.events import Event, EventBus
+from ondemand.daemon.events import Event, EventBus, JobsStarted
 from ondemand.daemon.store import Job, Store
 from ondemand.daemon.supervisor import Supervisor
 from ondemand.errors import (
@@ -185,12 +186,9 @@ class RayDispatcher(Dispatcher):
         queue_cfg: QueueConfig,
         worker_cfg: WorkerConfig,
         cluster: Cluster,
-        *,
-        stop_timeout_s: float = 60.0,
-        storage_cfg: StorageConfig | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(store, supervisor, bus, queue_cfg, worker_cfg,
-                         stop_timeout_s=stop_timeout_s, storage_cfg=storage_cfg)
+        super().__init__(store, supervisor, bus, queue_cfg, worker_cfg, **common)
         self.cluster = cluster
         self.client = BatchClient(cluster.cfg, worker_cfg)
         self.max_in_flight = cluster.cfg.max_replicas * cluster.cfg.batches_per_replica
@@ -209,10 +207,10 @@ class RayDispatcher(Dispatcher):
     def _device_type(self) -> str:
         return self.cluster.cfg.device_type
 
-    def eta_s(self, position: int) -> float:
+    def eta_s(self, position: int, audio_s: float = 0.0) -> float:
         per_job = self.job_compute_s if self.job_compute_s is not None else 0.5
         parallel = max(1, min(self.max_in_flight, len(self.cluster.replicas) or 1))
-        eta = (position + 1) * per_job / parallel
+        eta = position * per_job / parallel + max(per_job, audio_s / self._speed())
         if not any(r.state in ("idle", "busy") for r in self.cluster.replicas.values()):
             eta += self.cluster.last_load_s if self.cluster.last_load_s is not None else 10.0
         return round(eta, 3)
@@ -274,6 +272,8 @@ class RayDispatcher(Dispatcher):
         for j in batch:
             j.attempts += 1
             j.started = started
+        if batch:
+            self.bus.publish(JobsStarted(jobs=tuple(j.id for j in batch)))
         self._running.extend(batch)
         return batch
 
@@ -301,3 +301,4 @@ class RayDispatcher(Dispatcher):
         self._forget_running(batch)
         for j in batch:
             self._cold.pop(j.id, None)
+            self.progress.pop(j.id, None)

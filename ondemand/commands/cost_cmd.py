@@ -9,6 +9,7 @@ import argparse
 import csv
 import io
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from ondemand import config as config_mod
 from ondemand.cost import report as cost
 from ondemand.cost.ledger import LEDGER_FILE
-from ondemand.errors import BadRequest, OndemandError
+from ondemand.errors import BadRequest, OndemandError, StorageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +53,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
     from ondemand.cost.api import cost_document
+    from ondemand.cost.tokens import add_tokens, read_file
 
     path = Path(cfg.storage.dir) / LEDGER_FILE
     if not path.is_file():
@@ -63,18 +65,21 @@ def _local(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
     try:
         since = cost.parse_when(args.since, now) if args.since else None
         until = cost.parse_when(args.until, now) if args.until else None
-        return cost_document(path, cfg, since=since, until=until, probe=None, now=now)
+        doc = cost_document(path, cfg, since=since, until=until, probe=None, now=now)
+        return add_tokens(doc, read_file(Path(cfg.storage.dir)))
     except ValueError as e:
         raise BadRequest(str(e)) from e
+    except sqlite3.DatabaseError as e:  # a damaged ledger: one line, never a traceback
+        raise StorageError(
+            f"cannot read the cost ledger {path} ({e}); the daemon moves a damaged ledger "
+            "aside at its next start (docs/operations.md); or ask a running daemon with --url"
+        ) from e
 
 
 def _fetch(args: argparse.Namespace, cfg: config_mod.Config) -> dict[str, Any]:
-    from ondemand.client import Client
+    from ondemand.sdk import Client
 
-    query = {"since": args.since, "until": args.until}
-    doc: dict[str, Any] = Client(args.url, token=cfg.auth_token()).request(
-        "GET", "/v1/cost", query=query)
-    return doc
+    return Client(args.url, token=cfg.auth_token()).cost(since=args.since, until=args.until).raw
 
 
 # -- rendering -------------------------------------------------------------------------------

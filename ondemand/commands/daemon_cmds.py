@@ -1,6 +1,7 @@
 """`ondemand serve` (the daemon) and its clients: `submit`, `status`, `load`, `unload`.
 
-Nothing here imports torch: the daemon's worker is a separate interpreter."""
+The clients are the typed `ondemand.sdk.Client` (docs/client.md).  Nothing here imports torch:
+the daemon's worker is a separate interpreter."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ondemand import config as config_mod
-from ondemand.errors import OndemandError, RemoteError
+from ondemand.errors import DaemonUnreachable, OndemandError, RemoteError
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
@@ -24,6 +25,18 @@ def _client_args(p: argparse.ArgumentParser) -> None:
                                  "server.host:server.port)")
     p.add_argument("--config", type=Path, help="config file (default: ONDEMAND_CONFIG or "
                                                "./config.toml)")
+
+
+def _segment_args(p: argparse.ArgumentParser) -> None:
+    """--segments/--window-s/--hop-s: a timeline of a long recording (docs/recordings.md)."""
+    p.add_argument("--segments", choices=["none", "vad", "fixed"], default="none",
+                   help="none: one result for the whole clip (at most audio.max_seconds); "
+                        "vad: one per stretch of speech; fixed: one per window (a timeline, "
+                        "recordings up to audio.max_segmented_seconds)")
+    p.add_argument("--window-s", type=float, help="--segments fixed: window length, seconds "
+                                                  "(default: config segments.window_s)")
+    p.add_argument("--hop-s", type=float, help="--segments fixed: seconds between window "
+                                               "starts (default: config segments.hop_s)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings-dir", type=Path,
                    help="also fetch embeddings into DIR/{key}.npy (implies --wait)")
     p.add_argument("--parallel", type=int, default=8, help="concurrent uploads (default 8)")
+    p.add_argument("--callback-url", help="the daemon POSTs each job's final document here "
+                                          "(docs/webhooks.md)")
+    _segment_args(p)
     _client_args(p)
     p.set_defaults(func=cmd_submit)
 
@@ -80,7 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from ondemand.client import Client, default_url
+    """The typed client (ondemand.sdk.Client) for --url / ONDEMAND_URL / the config's address,
+    with ONDEMAND_TOKEN, else the config's server.token."""
+    from ondemand.client import default_url
+    from ondemand.sdk import Client
 
     cfg = _config(args)
     return Client(args.url or default_url(cfg), token=cfg.auth_token())
@@ -103,20 +122,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
         key = Path(name).stem
         try:
             accepted = client.submit(Path(name), granularity=args.granularity,
-                                     embedding=args.embeddings_dir is not None, key=key)
+                                     embedding=args.embeddings_dir is not None, key=key,
+                                     callback_url=args.callback_url, segments=args.segments,
+                                     window_s=args.window_s, hop_s=args.hop_s)
             if not wait:
-                return {"file": name, "key": key, **accepted}
-            job = client.wait(accepted["id"])
-            if job["status"] != "done":
-                return {"key": key, "file": name, "id": job["id"],
-                        "error": job.get("error") or {"code": job["status"], "message": ""}}
+                return {"file": name, "key": key, **accepted.raw}
+            job = client.wait(accepted.id)
+            if job.status != "done":
+                return {"key": key, "file": name, "id": job.id,
+                        "error": job.raw.get("error") or {"code": job.status, "message": ""}}
             if args.embeddings_dir is not None:
-                data = client.embedding(job["id"])
+                data = client.embedding_bytes(job.id)
                 (args.embeddings_dir / f"{key}.npy").write_bytes(data)
-            return dict(job["result"])
-        except RemoteError as e:
-            return {"key": key, "file": name,
-                    "error": {"code": e.remote_code, "message": e.message}}
+            return dict(job.raw["result"])
+        except DaemonUnreachable:
+            raise
+        except OndemandError as e:  # an error answer: the API's class (RemoteError: unknown)
+            code = e.remote_code if isinstance(e, RemoteError) else e.code
+            return {"key": key, "file": name, "error": {"code": code, "message": e.message}}
         except OSError as e:
             return {"key": key, "file": name,
                     "error": {"code": "unreadable", "message": f"cannot read {name}: {e.strerror}"}}
@@ -139,7 +162,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _print(_client(args).status())
+    _print(_client(args).status().raw)
     return 0
 
 
@@ -150,10 +173,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         hold = parse_duration(args.hold) if args.hold else 0.0
     except ValueError as e:
         raise OndemandError(f"--hold: {e}") from None
-    _print(_client(args).load(hold_s=hold, wait=not args.no_wait))
+    _print(_client(args).load(hold_s=hold, wait=not args.no_wait).raw)
     return 0
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    _print(_client(args).unload(exit=args.exit))
+    _print(_client(args).unload(exit=args.exit).raw)
     return 0

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run emotion recognition on audio files (one JSON line per file)",
         description="Load the model in this process and print one JSON object per input file.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav/flac/ogg/mp3)")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="audio files (wav/flac/ogg/mp3, webm/m4a/mp4: a video's sound track)")
     p.add_argument("--model", help="model directory or ModelScope id (default: config model.*)")
     p.add_argument("--revision", help="ModelScope revision (default: config, 'master')")
     p.add_argument("--cache-dir", help="ModelScope cache directory (default: config/ModelScope's)")
@@ -36,6 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="float32 (exact), bfloat16, float16 (GPU), int8 (CPU) (default: config worker.dtype)",
     )
     p.add_argument("--batch-audio-s", type=float, help="padded-audio budget per batch, seconds")
+    p.add_argument("--segments", choices=["none", "vad", "fixed"], default="none",
+                   help="none: one result per file (at most audio.max_seconds); vad: one per "
+                        "stretch of speech; fixed: one per window (a timeline with `segments` "
+                        "and `summary`, files up to audio.max_segmented_seconds)")
+    p.add_argument("--window-s", type=float, help="--segments fixed: window length, seconds "
+                                                  "(default: config segments.window_s)")
+    p.add_argument("--hop-s", type=float, help="--segments fixed: seconds between window starts "
+                                               "(default: config segments.hop_s)")
     p.add_argument(
         "--config", type=Path, help="config file (default: ONDEMAND_CONFIG or ./config.toml)"
     )
@@ -64,6 +73,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     device = args.device or cfg.worker.device
     if config_mod.device(device):
         raise OndemandError(f"--device: {config_mod.device(device)}")
+    if args.segments != "none":
+        return _infer_segmented(args, cfg, device)
     t_imports = time.perf_counter()
 
     clips: list[tuple[int, Clip]] = []
@@ -73,10 +84,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
         try:
             decoded = decode(Path(name), max_seconds=cfg.audio.max_seconds)
         except AudioError as e:
+            message = e.message
+            if e.code == "too_long":  # the whole-clip limit: a timeline has a higher one
+                message += (" With --segments vad or --segments fixed it gets a timeline, up "
+                            f"to {cfg.audio.max_segmented_seconds:g} s.")
             failures[i] = {
                 "key": key,
                 "file": name,
-                "error": {"code": e.code, "message": e.message},
+                "error": {"code": e.code, "message": message},
             }
             continue
         except OSError as e:
@@ -139,6 +154,65 @@ def cmd_infer(args: argparse.Namespace) -> int:
         }
         print(json.dumps({"timings": timing}), file=sys.stderr)
     return 1 if failures else 0
+
+
+def _infer_segmented(args: argparse.Namespace, cfg: config_mod.Config, device: str) -> int:
+    """`ondemand infer --segments vad|fixed`: each file decoded block by block into a temporary
+    spool file and read back a slice at a time, as the daemon does (memory follows the batch)."""
+    import tempfile
+
+    from ondemand import segments
+    from ondemand.audio import Limits, decode_to
+    from ondemand.model.engine import Engine
+    from ondemand.model.resolve import resolve_model
+    from ondemand.spool import SpoolReader
+
+    try:
+        spec = segments.make_spec(args.segments, window_s=args.window_s, hop_s=args.hop_s,
+                                  settings=cfg.segments)
+    except segments.SpecError as e:
+        raise OndemandError(f"--segments: {e}") from None
+    if args.granularity != "utterance":
+        raise OndemandError("--segments gives one result per segment: use --granularity "
+                            "utterance (embeddings: one row per segment)")
+    assert spec is not None
+    model_dir = resolve_model(args.model or cfg.model.spec,
+                              revision=args.revision or cfg.model.revision,
+                              cache_dir=args.cache_dir or cfg.model.cache_dir or None,
+                              force=args.force)
+    engine = Engine.load(model_dir, device=device, dtype=args.dtype or cfg.worker.dtype)
+    budget = args.batch_audio_s if args.batch_audio_s is not None else (
+        cfg.worker.batch_audio_s or None)
+    limits = Limits(cfg.audio.max_segmented_seconds, cfg.audio.decode_mb(True))
+    if args.embeddings_dir is not None:
+        args.embeddings_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="ondemand-infer-") as tmp:
+        for name in args.files:
+            key = Path(name).stem
+            spool = Path(tmp) / f"{key}.npy"
+            try:
+                decode_to(Path(name), spool, limits, durable=False)
+            except AudioError as e:
+                failed += 1
+                _emit({"key": key, "file": name, "error": {"code": e.code, "message": e.message}})
+                continue
+            except OSError as e:
+                failed += 1
+                _emit({"key": key, "file": name, "error": {
+                    "code": "unreadable", "message": f"cannot read {name}: {e.strerror}"}})
+                continue
+            emb = args.embeddings_dir / f"{key}.npy" if args.embeddings_dir else None
+            with SpoolReader(spool) as reader:
+                _emit(engine.infer_recording(reader, spec, key=key, embedding_path=emb,
+                                             batch_audio_s=budget))
+            spool.unlink()
+    return 1 if failed else 0
+
+
+def _emit(doc: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
-    doc = _client(args).request("GET", "/v1/prewarm")
+    doc = _client(args).prewarm()
     if args.json:
         sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
     else:

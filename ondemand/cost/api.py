@@ -32,6 +32,7 @@ from ondemand.cost.replicas import (
     read_replica_intervals,
     units,
 )
+from ondemand.cost.tokens import TokenMetrics, add_tokens
 from ondemand.daemon import api
 from ondemand.daemon.http import json_response
 from ondemand.daemon.store import QUEUED
@@ -39,6 +40,7 @@ from ondemand.errors import BadRequest
 from ondemand.gpu import GpuProbe, open_probe
 
 GPU: web.AppKey[Any] = web.AppKey("gpu_probe")
+TOKEN_METRICS = web.AppKey("token_metrics", TokenMetrics)
 ACCOUNTING = web.AppKey("accounting", Accounting)
 REPLICAS = web.AppKey("replica_accounting", ReplicaAccounting)  # cluster.backend = "ray" only
 
@@ -78,6 +80,7 @@ def context(cfg: Config, *, gpu: GpuProbe | None = None) -> CleanupCtx:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/cost", get_cost)
     app.router.add_get("/metrics", get_metrics)
+    app[TOKEN_METRICS] = TokenMetrics()
 
 
 def cost_document(
@@ -153,14 +156,19 @@ async def get_cost(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise BadRequest(str(e)) from e
-    return json_response(doc)
+    store = request.app[api.STORE]
+    spans = [(cost.parse_when(p["since"], now), cost.parse_when(p["until"], now))
+             for p in doc["periods"]]
+    found = {span: await store.usage(*span) for span in spans}
+    return json_response(add_tokens(doc, lambda lo, hi: found[(lo, hi)]))
 
 
 async def get_metrics(request: web.Request) -> web.Response:
     """`GET /metrics`: Prometheus text format from the daemon's own registry."""
     acc = request.app[ACCOUNTING]
-    acc.metrics.jobs_queued.set((await request.app[api.STORE].counts()).get(QUEUED, 0))
-    body = acc.metrics.exposition()
+    store = request.app[api.STORE]
+    acc.metrics.jobs_queued.set((await store.counts()).get(QUEUED, 0))
+    body = acc.metrics.exposition() + request.app[TOKEN_METRICS].exposition(await store.usage())
     replicas = request.app.get(REPLICAS)
     if replicas is not None:  # ray: the replicas' series (cost/replicas.py)
         body += replicas.metrics.exposition()

@@ -5,6 +5,12 @@ Submission path (the only hot path): read the upload under `server.max_upload_mb
 time (daemon/upload.py: bad input never reaches the queue, let alone the GPU), spool the 16 kHz
 float32 samples with fsync, commit the row (group-committed), and only then answer 202.
 Every JSON answer goes through http.json_response (NaN and Infinity are refused, not written).
+
+Tokens (daemon/auth.py): a job records the name of the token that submitted it (`owner`); a
+token without `admin` sees only its own jobs (another's answers 404, as if it did not exist).
+A submission is counted against its token's `submits_per_minute` before its body is read, and
+against its `max_pending` in the insert's transaction.  `callback_url` (query or form field) is
+checked against `webhooks.allowed_hosts` before the body is decoded (daemon/destinations.py).
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import secrets
 import sqlite3
 import time
@@ -22,10 +27,14 @@ from typing import Any
 
 from aiohttp import web
 
+from ondemand import protocol, segments
+from ondemand.audio import Limits
 from ondemand.cluster import api as cluster_api
 from ondemand.config import Config
+from ondemand.daemon import auth
+from ondemand.daemon.destinations import check_callback
 from ondemand.daemon.dispatcher import Dispatcher
-from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.daemon.events import EventBus, JobFinished, JobQueued
 from ondemand.daemon.guard import TaskGuard
 from ondemand.daemon.http import json_response
 from ondemand.daemon.store import (
@@ -45,7 +54,6 @@ from ondemand.errors import (
     StorageFull,
 )
 from ondemand.protocol import GRANULARITIES
-from ondemand.spool import write_npy
 
 MAX_KEY_CHARS = 200
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
@@ -142,27 +150,63 @@ def _options(request: web.Request, fields: dict[str, str]) -> tuple[str, bool, s
     return granularity, embedding, key
 
 
+def _segmenting(request: web.Request, fields: dict[str, str],
+                granularity: str) -> protocol.Segmenting | None:
+    """The `segments` option (none | vad | fixed, with window_s and hop_s for fixed)."""
+    opts = {**request.query, **fields}
+    window = opts.get("window_s")
+    hop = opts.get("hop_s")
+    try:
+        spec = segments.make_spec(
+            opts.get("segments", "none"),
+            window_s=None if window is None else _number(window, "window_s"),
+            hop_s=None if hop is None else _number(hop, "hop_s"),
+            settings=request.app[CONFIG].segments)
+    except segments.SpecError as e:
+        raise BadRequest(str(e)) from None
+    if spec is not None and granularity != "utterance":
+        raise BadRequest("segments gives one result per segment: use granularity=utterance "
+                         "(with embedding=true the .npy holds one row per segment)")
+    return spec
+
+
+def _limits(cfg: Config, spec: protocol.Segmenting | None) -> Limits:
+    audio_cfg = cfg.audio
+    if spec is not None:
+        return Limits(audio_cfg.max_segmented_seconds, audio_cfg.decode_mb(True),
+                      "Split it into shorter recordings (audio.max_segmented_seconds).")
+    return Limits(audio_cfg.max_seconds, audio_cfg.decode_mb(False),
+                  f"Submit it with segments=vad (speech segments) or segments=fixed (windows) "
+                  f"for a timeline of recordings up to {audio_cfg.max_segmented_seconds:g} s, "
+                  "or split it.")
+
+
 async def submit(request: web.Request) -> tuple[Job, int]:
     """Validate, spool and durably queue one job; returns it and its queue position."""
     app = request.app
     store = app[STORE]
     refuse_if_draining(app)
-    async with app[INTAKE].receive(request) as upload:  # holds its bytes until decoded
-        granularity, embedding, key = _options(request, upload.fields)
-        decoded = await app[INTAKE].decode(upload)
-    loop = asyncio.get_running_loop()
+    who = auth.principal(request)
+    app[auth.LIMITER].admit(who)  # 429 before the body is read
     job_id = secrets.token_urlsafe(16)
+    path = store.audio_path(job_id)
+    async with app[INTAKE].receive(request) as upload:  # its file is removed when decoded
+        granularity, embedding, key = _options(request, upload.fields)
+        spec = _segmenting(request, upload.fields, granularity)
+        callback = {**request.query, **upload.fields}.get("callback_url") or None
+        if callback is not None:
+            await check_callback(app[CONFIG].webhooks, callback)
+        try:  # streamed into the spool file, fsynced before it appears
+            decoded = await app[INTAKE].decode(upload, path, _limits(app[CONFIG], spec))
+        except OSError as e:
+            raise _storage_error(e) from e
     job = Job(id=job_id, status=QUEUED, key=key or PurePath(upload.filename).stem or job_id,
               granularity=granularity, embedding=embedding, duration_s=decoded.duration_s,
-              created=time.time())
-    path = store.audio_path(job_id)
+              created=time.time(), owner=who.name, callback_url=callback,
+              segments=None if spec is None else {
+                  "mode": spec.mode, "window_s": spec.window_s, "hop_s": spec.hop_s})
     try:
-        await loop.run_in_executor(None, functools.partial(
-            write_npy, path, decoded.samples, durable=True))
-    except OSError as e:
-        raise _storage_error(e) from e
-    try:
-        position = await store.add(job)
+        position = await store.add(job, owner_max_pending=who.max_pending)
     except sqlite3.OperationalError as e:
         store.remove_audio(job_id)
         if "full" in str(e):  # SQLITE_FULL: "database or disk is full"
@@ -173,14 +217,16 @@ async def submit(request: web.Request) -> tuple[Job, int]:
         # at the next start, a row without its audio would be a half job.
         store.remove_audio(job_id)
         raise
+    app[BUS].publish(JobQueued(job=job_id, position=position))
     app[DISPATCHER].wake()
     return job, position
 
 
 async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
     store = request.app[STORE]
+    owner = auth.principal(request).owner_filter
     with request.app[WATCH].watch(job_id) as finished:
-        job = await store.get(job_id)
+        job = await store.get(job_id, owner=owner)
         if job.status in FINAL or wait_s <= 0:
             return job
         draining = asyncio.ensure_future(request.app[DRAINING].wait())
@@ -191,7 +237,7 @@ async def _wait_final(request: web.Request, job_id: str, wait_s: float) -> Job:
         finally:
             draining.cancel()
             finish.cancel()
-    return await store.get(job_id)
+    return await store.get(job_id, owner=owner)
 
 
 def _wait_param(request: web.Request) -> float:
@@ -206,18 +252,19 @@ async def post_job(request: web.Request) -> web.Response:
     job, position = await submit(request)
     body = {"id": job.id, "status": job.status, "position": position,
             "worker": request.app[SUPERVISOR].state.value,
-            "eta_s": request.app[DISPATCHER].eta_s(position)}
+            "eta_s": request.app[DISPATCHER].eta_s(position, job.duration_s)}
     return json_response(body, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def get_job(request: web.Request) -> web.Response:
     job = await _wait_final(request, request.match_info["id"], _wait_param(request))
+    job.progress = request.app[DISPATCHER].progress_of(job.id)
     return json_response(job.to_json())
 
 
 async def get_embedding(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
-    job = await store.get(request.match_info["id"])
+    job = await store.get(request.match_info["id"], owner=auth.principal(request).owner_filter)
     if job.status != "done":
         raise JobConflict(f"job {job.id} is {job.status}; its embedding exists once it is done")
     path = store.embedding_path(job.id)
@@ -228,7 +275,8 @@ async def get_embedding(request: web.Request) -> web.StreamResponse:
 
 async def delete_job(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    outcome = await request.app[STORE].cancel_or_delete(job_id)
+    outcome = await request.app[STORE].cancel_or_delete(
+        job_id, owner=auth.principal(request).owner_filter)
     if outcome == "cancelled":
         request.app[BUS].publish(JobFinished(job=job_id, status="cancelled", queue_s=None,
                                              compute_s=None, attempts=0))

@@ -11,8 +11,15 @@ list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_c
    and holds; nothing at all with "local";
 4. dispatcher (cluster/dispatch.py's RayDispatcher with "ray"): on the way down lets its batches
    finish (bounded by server.stop_timeout_s);
-5. purge timer;
-6. prewarm scheduler (prewarm/api.py): last up, first down: no hold starts during shutdown.
+5. webhooks (daemon/webhooks.py): the callback delivery task; stops before the store closes
+   and after the dispatcher's last outcomes (an attempt cut short runs again after a restart);
+6. purge timer;
+7. prewarm scheduler (prewarm/api.py): no hold starts during shutdown;
+8. event log (daemon/events_api.py, GET /v1/events): last up, first down; open streams end
+   at `on_shutdown`, before any of this.
+
+Middlewares: errors first (outermost: it renders what the others raise), then bearer tokens and
+scopes (daemon/auth.py).
 
 Each component's long-lived task is watched by the app's TaskGuard (`app[api.GUARD]`,
 daemon/guard.py): one that ends unasked turns /readyz 503 with the reason, logs one ERROR line
@@ -23,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
 import socket
 import time
@@ -33,91 +38,27 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from ondemand.cluster import api as cluster_api
 from ondemand.config import Config
+from ondemand.console import routes as console
 from ondemand.cost import api as cost_api
-from ondemand.daemon import api, listen
+from ondemand.daemon import api, auth, events_api, jobs_api, listen, openapi, webhooks
 from ondemand.daemon import lock as storage_lock
+from ondemand.daemon.auth import check_bind
 from ondemand.daemon.events import EventBus
 from ondemand.daemon.guard import TaskGuard
-from ondemand.daemon.http import Handler, error_middleware, make_runner, response_for
+from ondemand.daemon.http import error_middleware, make_runner
 from ondemand.daemon.store import Store
 from ondemand.daemon.supervisor import Spawn, Supervisor
 from ondemand.daemon.upload import Intake
-from ondemand.errors import ConfigError, StorageUnavailable, Unauthorized
+from ondemand.errors import StorageUnavailable
 from ondemand.gpu import GpuProbe
 from ondemand.prewarm import api as prewarm_api
 
 log = logging.getLogger(__name__)
 
-# Everything else needs the bearer token when one is set (issue 6: "every endpoint except
-# /healthz"); /readyz reports queue and worker state, so it is behind the token too.
-OPEN_PATHS = ("/healthz",)
-MIN_TOKEN_CHARS = 16
-TOKEN_HELP = ("Generate a token with: python -c 'import secrets; "
-              "print(secrets.token_urlsafe(32))'")
-BEARER = "Bearer "
-
-
-def check_bind(cfg: Config) -> None:
-    """Refuse to listen beyond loopback without a token unless explicitly allowed, or with a
-    token a network attacker could guess (issue 10: one character, or a single space, passed)."""
-    host = cfg.server.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return
-    token = cfg.auth_token()
-    if not token:
-        if cfg.server.allow_insecure_bind:
-            return
-        raise ConfigError(
-            f"server.host: {host!r} is reachable from other machines but no server.token (or "
-            "ONDEMAND_TOKEN) is set; set a token, bind 127.0.0.1, or set "
-            f"server.allow_insecure_bind = true. {TOKEN_HELP}"
-        )
-    problem = token_problem(token)
-    if problem:
-        source = "server.token" if cfg.server.token else "ONDEMAND_TOKEN"
-        raise ConfigError(
-            f"{source}: {problem}, too weak for server.host {host!r} (reachable from other "
-            f"machines). {TOKEN_HELP}"
-        )
-
-
-def token_problem(token: str) -> str | None:
-    """Why `token` cannot guard a network-facing daemon, or None."""
-    if token != token.strip():
-        return "starts or ends with whitespace, which HTTP strips from headers"
-    if not (token.isascii() and token.isprintable()):
-        return "holds control or non-ASCII characters"
-    if len(token) < MIN_TOKEN_CHARS:
-        return f"is {len(token)} characters long; at least {MIN_TOKEN_CHARS} are needed"
-    return None
-
-
-def _auth_middleware(token: str) -> Middleware:
-    expected = f"{BEARER}{token}".encode()
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "")
-            if given[:len(BEARER)].lower() == BEARER.lower():  # the scheme is case-insensitive
-                given = BEARER + given[len(BEARER):]
-            # One constant-time comparison of the whole header; aiohttp decodes headers as UTF-8
-            # with surrogateescape, so this encodes any bytes a client sent (no 500).
-            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-                return response_for(Unauthorized(
-                    "missing or wrong bearer token; send `Authorization: Bearer <token>` "
-                    "(server.token / ONDEMAND_TOKEN)"))
-        return await handler(request)
-
-    return auth
+__all__ = ["build_app", "check_bind", "drain", "serve"]
 
 
 def build_app(
@@ -130,7 +71,7 @@ def build_app(
     """The daemon's app.  `spawn` and `gpu` are the injected boundaries (tests: fake worker);
     `cluster` the cluster component's (cluster_api.context's keyword arguments)."""
     app = web.Application(
-        middlewares=[error_middleware, _auth_middleware(cfg.auth_token())],
+        middlewares=[error_middleware, auth.middleware(cfg)],
         client_max_size=int(cfg.server.max_upload_mb * 1024 * 1024) + 1024 * 1024,
     )
     app[api.CONFIG] = cfg
@@ -139,6 +80,7 @@ def build_app(
     app[api.WATCH] = api.JobWatch(bus)
     app[api.DRAINING] = asyncio.Event()
     app[api.INTAKE] = Intake(cfg)
+    app[auth.LIMITER] = auth.SubmitLimiter()
     guard = TaskGuard()
     app[api.GUARD] = guard
 
@@ -171,7 +113,7 @@ def build_app(
         with guard.watching(task):
             yield
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # a death was reported
             await task
 
     # The order is the start-up order; shutdown runs it backwards (see the module docstring).
@@ -181,13 +123,19 @@ def build_app(
         supervisor_ctx,
         cluster_api.context(cfg, **(cluster or {})),
         dispatcher_ctx,
+        webhooks.context(cfg),
         purge_ctx,
         prewarm_api.context(cfg),
+        events_api.context(cfg),
     ]
     app.cleanup_ctx.extend(components)
     api.add_routes(app)
     cost_api.add_routes(app)
     prewarm_api.add_routes(app)
+    openapi.add_routes(app)
+    jobs_api.add_routes(app)
+    events_api.add_routes(app)
+    console.setup(app, cfg)  # the web page at / (no token needed for the page itself)
     return app
 
 

@@ -42,10 +42,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from ondemand import batching, protocol
+from ondemand import batching, protocol, segments
 from ondemand.audio import SAMPLE_RATE
-from ondemand.config import QueueConfig, StorageConfig, WorkerConfig
-from ondemand.daemon.events import EventBus, JobFinished
+from ondemand.config import QueueConfig, SegmentsConfig, StorageConfig, WorkerConfig
+from ondemand.daemon.events import EventBus, JobFinished, JobProgress, JobsStarted
 from ondemand.daemon.store import DONE, FAILED, Job, Store
 from ondemand.daemon.supervisor import Lease, Supervisor, WorkerState
 from ondemand.errors import (
@@ -105,6 +105,7 @@ class Dispatcher:
         *,
         stop_timeout_s: float = 60.0,
         storage_cfg: StorageConfig | None = None,
+        segments_cfg: SegmentsConfig | None = None,
     ) -> None:
         self.store = store
         self.sup = supervisor
@@ -123,6 +124,12 @@ class Dispatcher:
         self._stopping = False
         self._embed_backoff = Backoff(self.storage_cfg)
         self.job_compute_s: float | None = None  # EWMA of compute seconds per job
+        # issue 12: segmented jobs.  Their [segments] settings travel in each Infer item;
+        # `progress` holds {job: (done_s, total_s)} while they run (the worker's Progress).
+        self.segments_cfg = segments_cfg or SegmentsConfig()
+        self.progress: dict[str, tuple[float, float]] = {}
+        self.audio_speed: float | None = None  # EWMA of audio seconds per compute second
+        bus.subscribe(self._on_progress, JobProgress)
 
     # -- public ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -164,13 +171,30 @@ class Dispatcher:
                             "running in the database and are requeued at the next start",
                             len(ids), e.__cause__ or e)
 
-    def eta_s(self, position: int) -> float:
-        """A rough wait for a job with `position` jobs ahead of it."""
+    def eta_s(self, position: int, audio_s: float = 0.0) -> float:
+        """A rough wait for a job with `position` jobs ahead of it and `audio_s` seconds of its
+        own audio (an hour-long recording is not one short clip's worth)."""
         per_job = self.job_compute_s if self.job_compute_s is not None else 0.5
-        eta = (position + 1) * per_job
+        eta = position * per_job + max(per_job, audio_s / self._speed())
         if self.sup.state is not WorkerState.READY:
             eta += self.sup.last_load_s if self.sup.last_load_s is not None else 10.0
         return round(eta, 3)
+
+    def progress_of(self, job_id: str) -> dict[str, float] | None:
+        """{done_s, total_s, eta_s} of a running segmented job, None before its first report."""
+        got = self.progress.get(job_id)
+        if got is None:
+            return None
+        done, total = got
+        return {"done_s": done, "total_s": total,
+                "eta_s": round(max(0.0, total - done) / self._speed(), 3)}
+
+    def _speed(self) -> float:
+        return self.audio_speed or self.worker_cfg.batch_default_speed
+
+    def _on_progress(self, ev: JobProgress) -> None:
+        if any(j.id == ev.job for j in self._running):
+            self.progress[ev.job] = (ev.done_s, ev.total_s)
 
     # -- the loop ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -260,12 +284,15 @@ class Dispatcher:
         first = jobs[0]
         if first.id in self._suspects:
             return [first]
+        # Segmented jobs share a batch only with segmented jobs, planned by their longest
+        # segment: the worker pools their segments into model batches of the same budget.
         same = [
             j for j in jobs
             if j.granularity == first.granularity and j.id not in self._suspects
+            and (j.segments is None) == (first.segments is None)
         ]
         budget = self.worker_cfg.batch_audio_s or batching.default_budget_s(self._device_type())
-        lengths = [round(j.duration_s * SAMPLE_RATE) for j in same]
+        lengths = [round(self._plan_s(j) * SAMPLE_RATE) for j in same]
         for planned in batching.plan_batches(lengths, int(budget * SAMPLE_RATE)):
             if 0 in planned:  # the oldest job's batch
                 return [same[i] for i in sorted(planned)]
@@ -274,6 +301,22 @@ class Dispatcher:
     def _device_type(self) -> str:
         """cpu / cuda: what the batches run on (the default batch budget follows it)."""
         return self.sup.device.split(":")[0]
+
+    def _plan_s(self, job: Job) -> float:
+        spec = self._segmenting(job)
+        return job.duration_s if spec is None else min(
+            job.duration_s, segments.longest_segment_s(spec))
+
+    def _segmenting(self, job: Job) -> protocol.Segmenting | None:
+        if not job.segments:
+            return None
+        cfg = self.segments_cfg
+        return protocol.Segmenting(
+            mode="fixed" if job.segments.get("mode") == "fixed" else "vad",
+            window_s=float(job.segments.get("window_s", cfg.window_s)),
+            hop_s=float(job.segments.get("hop_s", cfg.hop_s)),
+            vad_threshold=cfg.vad_threshold, min_speech_s=cfg.min_speech_s,
+            merge_pause_s=cfg.merge_pause_s, max_segment_s=cfg.max_segment_s, pad_s=cfg.pad_s)
 
     async def _run_batch(self, lease: Lease, batch: list[Job], cold_s: float) -> None:
         started = time.time()
@@ -284,6 +327,7 @@ class Dispatcher:
         for j in batch:
             j.attempts += 1
             j.started = started
+        self.bus.publish(JobsStarted(jobs=tuple(j.id for j in batch)))
         self._running.extend(batch)  # left there when cancelled: close() requeues them
         try:
             await self._infer(lease, batch, cold_s)
@@ -291,6 +335,9 @@ class Dispatcher:
             self._forget_running(batch)
             await self._crashed(batch, e)
             raise
+        finally:
+            for j in batch:
+                self.progress.pop(j.id, None)
         self._forget_running(batch)
 
     def _forget_running(self, batch: list[Job]) -> None:
@@ -314,6 +361,7 @@ class Dispatcher:
                     key=j.key,
                     audio=str(self.store.audio_path(j.id)),
                     embedding=str(self.store.embedding_path(j.id)) if j.embedding else None,
+                    segments=self._segmenting(j),
                 )
                 for j in batch
             ),
@@ -335,6 +383,10 @@ class Dispatcher:
                                timings=self._timings(batch[0], cold_s, None))
             return
         per_job = answer.seconds / len(batch)
+        if answer.seconds > 0:
+            speed = sum(j.duration_s for j in batch) / answer.seconds
+            self.audio_speed = speed if self.audio_speed is None else (
+                (1 - EWMA) * self.audio_speed + EWMA * speed)
         self.job_compute_s = (
             per_job if self.job_compute_s is None
             else (1 - EWMA) * self.job_compute_s + EWMA * per_job

@@ -86,6 +86,31 @@ class JobFinished(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class JobQueued(Event):
+    """A job was accepted (its row committed); `position`: jobs pending ahead of it."""
+
+    job: str
+    position: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobsStarted(Event):
+    """Jobs moved from queued to running: one batch about to be sent to the worker."""
+
+    jobs: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobProgress(Event):
+    """A running segmented job's progress (issue 12): every segment ending before `done_s` of
+    the recording's `total_s` is classified (the worker's protocol.Progress)."""
+
+    job: str
+    done_s: float
+    total_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class WorkerActivity(Event):
     """In-flight work or a hold changed without a state change: published when the in-flight
     count goes 0 -> 1 or back to 0, and when a hold is set or cleared.  The cost ledger splits

@@ -32,6 +32,7 @@ _FINAL = "('done', 'failed', 'cancelled')"
 JOB_COLUMNS = (
     ("owner", "TEXT NOT NULL DEFAULT ''"),
     ("callback_url", "TEXT"),
+    ("segments", "TEXT"),  # issue 12: a segmented job's option as JSON {mode, window_s, hop_s}
 )
 
 SCHEMA = f"""

@@ -69,7 +69,7 @@ class ServiceNotifier:
         if self._task is not None:
             self.app[api.GUARD].retire(self._task)
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # reported by the guard
                 await self._task
 
     async def _run(self) -> None:

@@ -106,6 +106,9 @@ class Job:
     owner: str = ""  # the token's name (daemon/auth.py); "" without auth
     callback_url: str | None = None
     callback: dict[str, Any] | None = None  # delivery state (outbox.callback_json), read only
+    # issue 12: {mode: vad|fixed, window_s, hop_s} for a timeline; None = classified whole
+    segments: dict[str, Any] | None = None
+    progress: dict[str, float] | None = None  # {done_s, total_s} while running (not stored)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,7 +131,32 @@ class Job:
             },
             "attempts": self.attempts,
             "callback": self.callback,
+            "segments": self.segments["mode"] if self.segments else "none",
+            **({"window_s": self.segments.get("window_s"), "hop_s": self.segments.get("hop_s")}
+               if self.segments and self.segments.get("mode") == "fixed" else {}),
+            "progress": self.progress,
         }
+
+
+@dataclass
+class JobSummary:
+    """A row of the recent-jobs listing: the job without its full result (only the top label),
+    and for a pending job how many pending jobs were accepted before it."""
+
+    id: str
+    status: str
+    key: str
+    granularity: str
+    embedding: bool
+    duration_s: float
+    created: float
+    started: float | None
+    finished: float | None
+    attempts: int
+    top: dict[str, Any] | None
+    error: dict[str, str] | None
+    timings: dict[str, float | None]
+    position: int | None
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -149,6 +177,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         owner=row["owner"],
         callback_url=row["callback_url"],
         callback=outbox.callback_json(row),
+        segments=json.loads(row["segments"]) if row["segments"] else None,
     )
 
 
@@ -488,9 +517,10 @@ class Store:
                         f"(max_pending={owner_max_pending}); retry when one has finished")
             conn.execute(
                 "INSERT INTO jobs (id, status, key, granularity, embedding, duration_s, created,"
-                " owner, callback_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " owner, callback_url, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, QUEUED, job.key, job.granularity, int(job.embedding), job.duration_s,
-                 job.created, job.owner, job.callback_url),
+                 job.created, job.owner, job.callback_url,
+                 json.dumps(job.segments) if job.segments else None),
             )
             return int(pending)
 
@@ -530,6 +560,53 @@ class Store:
             ).fetchall()
 
         return [_row_to_job(r) for r in await self._call(select)]
+
+    async def recent(
+        self, limit: int, *, statuses: Sequence[str] = (), before: str | None = None,
+        owner: str | None = None,
+    ) -> list[JobSummary]:
+        """The newest `limit` jobs (only `statuses` when given, only `owner`'s when given),
+        newest first; `before`: only jobs accepted before that job (an unknown id gives none).
+        Reads no result but its top."""
+        where: list[str] = []
+        args: list[str] = []
+        if owner is not None:
+            where.append("j.owner = ?")
+            args.append(owner)
+        if statuses:
+            where.append(f"j.status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if before is not None:
+            where.append("j.seq < (SELECT seq FROM jobs WHERE id=?)")
+            args.append(before)
+        # Positions in one pass over the pending jobs (at most queue.max_pending rows), not a
+        # count per listed row: the page re-reads this while a queue drains.
+        sql = (
+            "WITH pending AS (SELECT id, ROW_NUMBER() OVER (ORDER BY seq) - 1 AS ahead"
+            "  FROM jobs WHERE status IN (?, ?))"
+            " SELECT j.id, status, key, granularity, embedding, duration_s, created, started,"
+            " finished, attempts, json_extract(result, '$.top') AS top, error, timings, ahead"
+            " FROM jobs j LEFT JOIN pending p ON p.id = j.id"
+            f" {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY seq DESC LIMIT ?"
+        )
+        params = (QUEUED, RUNNING, *args, limit)
+
+        def select(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            return conn.execute(sql, params).fetchall()
+
+        return [
+            JobSummary(
+                id=r["id"], status=r["status"], key=r["key"], granularity=r["granularity"],
+                embedding=bool(r["embedding"]), duration_s=r["duration_s"], created=r["created"],
+                started=r["started"], finished=r["finished"], attempts=r["attempts"],
+                top=json.loads(r["top"]) if r["top"] else None,
+                error=json.loads(r["error"]) if r["error"] else None,
+                timings=json.loads(r["timings"]) if r["timings"] else {},
+                position=r["ahead"],
+            )
+            for r in await self._call(select)
+        ]
 
     async def mark_running(self, ids: Sequence[str], started: float) -> list[str]:
         """queued -> running (attempts + 1).  Returns the ids that were still queued."""

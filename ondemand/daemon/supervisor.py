@@ -46,7 +46,14 @@ from typing import Any
 
 from ondemand import protocol
 from ondemand.config import ModelConfig, WorkerConfig
-from ondemand.daemon.events import EventBus, ModelLoaded, StateChanged, WorkerActivity, WorkerExited
+from ondemand.daemon.events import (
+    EventBus,
+    JobProgress,
+    ModelLoaded,
+    StateChanged,
+    WorkerActivity,
+    WorkerExited,
+)
 from ondemand.daemon.process import (
     ExitKind,
     Spawn,
@@ -582,6 +589,10 @@ class Supervisor:
                 self._arm_liveness()
             case protocol.Heartbeat():
                 pass  # a beat that crossed its batch's answer
+            case protocol.Progress(batch=batch) as ev:  # issue 12: a segmented job's progress
+                if batch in self._batches:
+                    self.bus.publish(JobProgress(job=ev.job, done_s=ev.done_s,
+                                                 total_s=ev.total_s))
             case protocol.Result() | protocol.BatchFailed() as ev:
                 running = self._batches.pop(ev.batch, None)
                 self._last_beat = self._clock()

@@ -8,7 +8,7 @@ import gc
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ondemand import timeline
 from ondemand.audio import MIN_SAMPLES, SAMPLE_RATE
 from ondemand.batching import default_budget_s, plan_batches
 from ondemand.errors import (
@@ -24,12 +25,13 @@ from ondemand.errors import (
     AudioUndecodable,
     DeviceError,
     ModelError,
+    NonFiniteOutput,
     OutOfMemory,
 )
 from ondemand.model import checkpoint
 from ondemand.model.labels import Labels, read_labels
 from ondemand.model.network import Emotion2vec
-from ondemand.protocol import GRANULARITIES
+from ondemand.protocol import GRANULARITIES, Segmenting
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ class Engine:
         self.dtype = dtype
         self.timings = timings
         keep = labels.keep if labels else ()
+        self._vad: Any = None
         self._drop = torch.tensor([not k for k in keep], dtype=torch.bool, device=device)
 
     @property
@@ -215,6 +218,46 @@ class Engine:
             for i, pred in zip(batch, preds, strict=True):
                 out[i] = pred
         return [p for p in out if p is not None]
+
+    def infer_recording(
+        self,
+        audio: np.ndarray | timeline.Source,
+        segments: Segmenting,
+        *,
+        key: str = "recording",
+        embedding_path: Path | None = None,
+        batch_audio_s: float | None = None,
+        on_progress: Callable[[float, float], None] | None = None,
+    ) -> dict[str, Any]:
+        """A timeline of a long recording (issue 12): the same result a segmented job gets
+        from the daemon (`segments`, `summary`, and the whole-clip fields).  `audio` is mono
+        float32 16 kHz samples, or a `timeline.Source` read a slice at a time (a
+        `spool.SpoolReader`: memory then follows the batch, not the recording).  With
+        `embedding_path` one row per segment is written there."""
+        source = timeline.ArraySource(audio) if isinstance(audio, np.ndarray) else audio
+        budget = default_budget_s(self.device.type) if batch_audio_s is None else batch_audio_s
+
+        def infer(clips: Sequence[tuple[str, np.ndarray]], embeddings: bool) -> list[Prediction]:
+            return self.infer([Clip(k, x) for k, x in clips], embeddings=embeddings,
+                              batch_audio_s=batch_audio_s)
+
+        (out,) = timeline.run(
+            [timeline.Recording(key, source, segments, embedding_path)], infer=infer,
+            speech_probs=self.speech_probs, pool_s=4 * max(budget, 1.0), labels=self.labels,
+            on_progress=None if on_progress is None else (lambda _i, d, t: on_progress(d, t)))
+        if isinstance(out, timeline.NonFinite):
+            raise NonFiniteOutput(f"{key}: the model produced NaN or infinite values ({out})")
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def speech_probs(self, source: timeline.Source, start: int, stop: int) -> np.ndarray:
+        """Silero VAD speech probabilities (model/vad.py), the detector loaded on first use."""
+        if self._vad is None:
+            from ondemand.model.vad import SileroVad
+
+            self._vad = SileroVad()
+        return self._vad.probs(source, start, stop)
 
     def forward(
         self, clips: Sequence[Clip], granularity: str, embeddings: bool

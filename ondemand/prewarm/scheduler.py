@@ -145,7 +145,8 @@ class PrewarmScheduler:
         for t in tasks:
             t.cancel()
         for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A task that died was reported by the daemon's TaskGuard: no second traceback.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
     def now(self) -> datetime:

@@ -20,6 +20,25 @@ from ondemand.worker.main import LoadInfo, PredictionLike
 class TorchBackend:
     def __init__(self) -> None:
         self.engine: Any = None
+        self._vad: Any = None  # model/vad.py SileroVad, loaded at the first segments=vad job
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.engine.labels) if self.engine is not None else []
+
+    @property
+    def budget_s(self) -> float:
+        """The device's default padded-audio budget (segmented jobs pool segments by it)."""
+        from ondemand.batching import default_budget_s
+
+        return default_budget_s(self.engine.device.type) if self.engine is not None else 6.0
+
+    def speech_probs(self, source: Any, start: int, stop: int) -> np.ndarray:
+        if self._vad is None:
+            from ondemand.model.vad import SileroVad
+
+            self._vad = SileroVad()
+        return self._vad.probs(source, start, stop)
 
     def load(self, op: p.Load) -> LoadInfo:
         t0 = time.perf_counter()
@@ -67,6 +86,7 @@ class TorchBackend:
             raise OutOfMemory(f"batch of {len(clips)} clips does not fit in GPU memory") from e
 
     def unload(self) -> None:
+        self._vad = None
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.unload()  # drops the weights and calls torch.cuda.empty_cache()

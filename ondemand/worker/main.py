@@ -53,6 +53,7 @@ from ondemand.errors import (
     StorageFull,
 )
 from ondemand.spool import read_npy, write_npy
+from ondemand.worker import segmented
 
 log = logging.getLogger("ondemand.worker")
 
@@ -214,7 +215,15 @@ class Worker:
         results: list[p.ItemResult] = []
         clips: list[tuple[str, np.ndarray]] = []
         runnable: list[p.InferItem] = []
+        timelines = [i for i in op.items if i.segments is not None]  # issue 12: segmented jobs
+        if timelines:
+            done = segmented.run(self.backend, op, timelines, self.send, _reported)
+            if isinstance(done, p.BatchFailed):
+                return done
+            results.extend(done)
         for item in op.items:
+            if item.segments is not None:
+                continue
             try:
                 samples = read_npy(item.audio)
             except (OSError, AudioError) as e:

@@ -1,0 +1,375 @@
+"""The HTTP API's contract: an OpenAPI 3.1 document, served at `GET /v1/openapi.json`.
+
+Built from the code's own tables, so it cannot drift from them: the error codes and their
+statuses from errors.py, each route's scope from auth.ROUTE_SCOPES, the worker states from
+worker_status.WorkerState.  tests/test_openapi.py holds the rest: the paths and methods here are
+exactly the routes the app serves (a new route fails it until it is described here), the
+document is valid OpenAPI 3.1, and real answers of a running daemon validate against its schemas.
+
+To describe a new route: add its operation to `PATHS` (`_op(...)`, with its parameters, its
+answers and the error codes it can give), and its scope to auth.ROUTE_SCOPES.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from aiohttp import web
+
+from ondemand import __version__, errors
+from ondemand.daemon import auth
+from ondemand.daemon.http import json_response
+from ondemand.daemon.worker_status import WorkerState
+
+Schema = dict[str, Any]
+JSON = "application/json"
+OPENAPI_VERSION = "3.1.0"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None,
+         *, closed: bool = False, description: str = "") -> Schema:
+    out: Schema = {"type": "object", "required": list(required),
+                   "properties": {**required, **(optional or {})}}
+    if closed:
+        out["additionalProperties"] = False
+    if description:
+        out["description"] = description
+    return out
+
+
+NUM, INT, STR, BOOL = ({"type": "number"}, {"type": "integer"}, {"type": "string"},
+                       {"type": "boolean"})
+NUM_OR_NULL, INT_OR_NULL, STR_OR_NULL = (_nullable(NUM), _nullable(INT), _nullable(STR))
+JOB_STATUSES = ["queued", "running", "done", "failed", "cancelled"]
+CALLBACK_STATES = ["waiting", "pending", "delivered", "failed"]
+
+
+def http_codes() -> dict[str, int]:
+    """Every error code a client can receive, with its status (errors.py; codes without an
+    HTTP status never reach a client)."""
+    return {code: cls.status for code, cls in errors.by_code().items()
+            if cls.status != 500 or code == "internal"}
+
+
+def _schemas() -> dict[str, Schema]:
+    codes = sorted(http_codes())
+    error_info = _obj({"code": STR, "message": STR}, closed=True)
+    prediction = _obj(
+        {"key": STR, "labels": {"type": "array", "items": STR},
+         "scores": {"type": "array", "items": {"anyOf": [NUM, {"type": "array", "items": NUM}]},
+                    "description": "Per label (utterance); per frame, per label (frame)."},
+         "top": _nullable(_obj({"label": STR, "score": NUM})),
+         "frames": INT, "duration_s": NUM},
+        {"segments": {"type": "array", "items": _obj(
+            {"start_s": NUM, "end_s": NUM, "top": _nullable(_obj({"label": STR, "score": NUM})),
+             "scores": {"type": "array", "items": NUM}}, closed=True),
+            "description": "segments=vad|fixed: one result per segment, in time order."},
+         "summary": _obj({"scores": {"type": "array", "items": NUM},
+                          "top": _nullable(_obj({"label": STR, "score": NUM})),
+                          "label_share": {"type": "object", "additionalProperties": NUM},
+                          "speech_s": NUM},
+                         description="Duration-weighted mean scores, the dominant label, each "
+                                     "label's share of the time (sums to 1).")},
+        description="The engine's prediction (docs/engine.md); a worker may add keys; a "
+                    "segmented job's adds segments and summary (docs/recordings.md).")
+    return {
+        "Error": _obj({"error": _obj(
+            {"code": {"type": "string", "enum": [*codes, "http_error"],
+                      "description": "errors.py; `http_error`: an HTTP status without a class."},
+             "message": STR}, closed=True)}, closed=True),
+        "ErrorInfo": error_info,
+        "Prediction": prediction,
+        "Callback": _obj(
+            {"url": STR, "state": {"type": "string", "enum": CALLBACK_STATES},
+             "attempts": INT, "last_status": INT_OR_NULL, "last_error": STR_OR_NULL,
+             "next_attempt_at": NUM_OR_NULL}, closed=True,
+            description="waiting: the job has not ended; pending: an attempt is due at "
+                        "next_attempt_at (Unix time); delivered: a 2xx came back; failed: "
+                        "webhooks.max_attempts attempts failed (docs/webhooks.md)."),
+        "Job": _obj(
+            {"id": STR, "key": STR, "status": {"type": "string", "enum": JOB_STATUSES},
+             "granularity": {"type": "string", "enum": ["utterance", "frame"]},
+             "embedding": BOOL, "duration_s": NUM, "created": NUM, "started": NUM_OR_NULL,
+             "finished": NUM_OR_NULL, "owner": {**STR, "description": "The submitting token's "
+                                                "name; empty without auth."},
+             "result": _nullable(_ref("Prediction")), "error": _nullable(_ref("ErrorInfo")),
+             "timings": _obj({"queue_s": NUM_OR_NULL, "cold_start_s": NUM_OR_NULL,
+                              "compute_s": NUM_OR_NULL}),
+             "attempts": INT, "callback": _nullable(_ref("Callback"))},
+            optional={"position": INT,
+                      "segments": {"type": "string", "enum": ["none", "vad", "fixed"]},
+                      "window_s": NUM, "hop_s": NUM,
+                      "progress": _nullable(_obj({"done_s": NUM, "total_s": NUM,
+                                                  "eta_s": NUM}))}),
+        "JobAccepted": _obj({"id": STR, "status": {"const": "queued"}, "position": INT,
+                             "worker": {"type": "string", "enum": [s.value for s in WorkerState]},
+                             "eta_s": NUM_OR_NULL}),
+        "Cancelled": _obj({"id": STR, "status": {"const": "cancelled"}}, closed=True),
+        "Deleted": _obj({"id": STR, "deleted": {"const": True}}, closed=True),
+        "WorkerStatus": _obj(
+            {"state": {"type": "string", "enum": [s.value for s in WorkerState]},
+             "pid": INT_OR_NULL, "device": STR, "dtype": STR, "model": STR,
+             "trigger": STR_OR_NULL, "in_flight": INT, "last_load_s": NUM_OR_NULL,
+             "last_load": _nullable({"type": "object"}), "loads": INT, "spawns": INT,
+             "unload_in_s": NUM_OR_NULL, "exit_in_s": NUM_OR_NULL, "hold_s": NUM_OR_NULL,
+             "hold_trigger": STR_OR_NULL, "warm_because": STR_OR_NULL, "load_failures": INT,
+             "last_error": _nullable(_ref("ErrorInfo")), "backoff_s": NUM_OR_NULL,
+             "gpu_memory_mb": NUM_OR_NULL},
+            {"batch_s": NUM_OR_NULL, "batch_deadline_s": NUM_OR_NULL, "stalled_s": NUM_OR_NULL,
+             "last_exit": _nullable({"type": "object"})}),
+        "Status": _obj({"worker": _ref("WorkerStatus"),
+                        "queue": _obj({"queued": INT, "running": INT, "max_pending": INT}),
+                        "idle": _obj({"unload_after_s": NUM, "exit_after_s": NUM})}),
+        "Prewarm": _obj({"rules": {"type": "array", "items": {"type": "object"}},
+                         "lead": {"type": "object"}, "holds": {"type": "array"},
+                         "worker": {"type": "object"}, "timezone": STR},
+                        description="docs/prewarm.md"),
+        "Cost": _obj({"generated_at": STR, "settings": {"type": "object"},
+                      "periods": {"type": "array", "items": _obj(
+                          {"tokens": {"type": "array", "items": _ref("TokenUsage")}})},
+                      "recommendation": {"type": "object"}},
+                     description="docs/cost.md"),
+        "TokenUsage": _obj(
+            {"name": STR, "jobs": _obj({s: INT for s in ("done", "failed", "cancelled")}),
+             "audio_s": NUM, "compute_s": NUM, "audio_share": NUM_OR_NULL,
+             "attributed_usd": NUM_OR_NULL},
+            description="Jobs that finished in the period, per token name (docs/cost.md)."),
+        "Ready": _obj({"ready": {"const": True}, "worker": STR}),
+        "NotReady": _obj({"ready": {"const": False}, "reason": STR}),
+        "Health": _obj({"ok": {"const": True}}, closed=True),
+    }
+
+
+# -- operations --------------------------------------------------------------------------------
+def _json(schema: Schema, description: str, headers: dict[str, Any] | None = None) -> Schema:
+    out: Schema = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                               "schema": {"type": "integer", "minimum": 1}}}
+LOCATION = {"Location": {"description": "The job's URL.", "schema": STR}}
+
+
+def _errors(*codes: str) -> dict[str, Schema]:
+    """Error answers, grouped by status; `x-error-codes` lists the codes each may carry."""
+    table = http_codes()
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(table[code], []).append(code)
+    out: dict[str, Schema] = {}
+    for status, group in sorted(by_status.items()):
+        resp = _json(_ref("Error"), "Error: " + ", ".join(f"`{c}`" for c in group),
+                     RETRY_AFTER if status in (429, 503) else None)
+        resp["x-error-codes"] = group
+        out[str(status)] = resp
+    return out
+
+
+def _param(name: str, where: str, schema: Schema, description: str,
+           required: bool = False) -> Schema:
+    return {"name": name, "in": where, "required": required or where == "path",
+            "schema": schema, "description": description}
+
+
+JOB_ID = _param("id", "path", STR, "The job id (from POST /v1/jobs).")
+SUBMIT_OPTIONS = [
+    _param("granularity", "query", {"type": "string", "enum": ["utterance", "frame"]},
+           "One prediction for the clip (default) or one per frame."),
+    _param("embedding", "query", {"type": "string", "enum": ["true", "false"]},
+           "Keep the embedding (GET /v1/jobs/{id}/embedding.npy)."),
+    _param("key", "query", {"type": "string", "maxLength": 200},
+           "Your name for the clip (default: the file name's stem)."),
+    _param("segments", "query", {"type": "string", "enum": ["none", "vad", "fixed"]},
+           "none: one result for the clip (at most audio.max_seconds); vad: one per stretch of "
+           "speech; fixed: one per window; both up to audio.max_segmented_seconds "
+           "(docs/recordings.md)."),
+    _param("window_s", "query", NUM, "segments=fixed: window length, seconds."),
+    _param("hop_s", "query", NUM, "segments=fixed: seconds between window starts."),
+    _param("callback_url", "query", {"type": "string", "maxLength": 2048},
+           "POST the final job document here, signed (docs/webhooks.md); the host must be in "
+           "webhooks.allowed_hosts."),
+]
+AUDIO_BODY = {
+    "required": True,
+    "description": "The clip: a multipart field `audio` (options may be form fields), or the "
+                   "raw file with an audio/* or application/octet-stream content type.",
+    "content": {
+        "multipart/form-data": {"schema": _obj(
+            {"audio": {"type": "string", "contentMediaType": "application/octet-stream"}},
+            {"granularity": STR, "embedding": STR, "key": STR, "callback_url": STR,
+             "segments": STR, "window_s": STR, "hop_s": STR})},
+        "audio/*": {"schema": {"type": "string", "contentMediaType": "audio/*"}},
+        "application/octet-stream": {"schema": {"type": "string"}},
+    },
+}
+# Every audio refusal (each AudioError subclass: a new one is described here by itself).
+AUDIO_ERRORS = tuple(dict.fromkeys(cls.code for cls in errors.all_errors()
+                                   if issubclass(cls, errors.AudioError)))
+SUBMIT_ERRORS = ("bad_request", *AUDIO_ERRORS, "callback_refused", "request_timeout",
+                 "rate_limited", "too_many_pending", "queue_full", "shutting_down",
+                 "insufficient_storage", "storage_unavailable")
+STORE_ERRORS = ("storage_unavailable",)
+
+
+def _op(method: str, path: str, summary: str, responses: dict[str, Schema], *errs: str,
+        parameters: list[Schema] | None = None, body: Schema | None = None) -> Schema:
+    scope = auth.ROUTE_SCOPES.get((method.upper(), path), auth.ADMIN)
+    op: Schema = {"operationId": _operation_id(method, path), "summary": summary,
+                  "responses": dict(responses)}
+    if scope == auth.OPEN:
+        op["security"] = []
+    else:
+        op["security"] = [{"bearer": [] if scope == auth.ANY else [scope]}]
+        extra = ("unauthorized",) if scope == auth.ANY else ("unauthorized", "forbidden")
+        errs = (*errs, *extra)
+    op["responses"].update(_errors(*errs, "internal"))
+    if parameters:
+        op["parameters"] = parameters
+    if body:
+        op["requestBody"] = body
+    return op
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = [w.strip("{}").replace(".", "_") for w in path.split("/") if w and w != "v1"]
+    return method.lower() + "_" + "_".join(words).replace("-", "_")
+
+
+def _paths() -> dict[str, dict[str, Schema]]:
+    job = _json(_ref("Job"), "The job document.")
+    worker_body = {"content": {JSON: {"schema": _obj({}, {"hold_s": NUM, "wait": BOOL})}}}
+    post_jobs = _op("post", "/v1/jobs", "Submit a clip",
+                    {"202": _json(_ref("JobAccepted"), "Decoded, spooled, queued.", LOCATION)},
+                    *SUBMIT_ERRORS, parameters=SUBMIT_OPTIONS, body=AUDIO_BODY)
+    return {
+        "/v1/jobs/{id}": {
+            "get": _op("get", "/v1/jobs/{id}", "A job, long-polled with `wait`", {"200": job},
+                       "bad_request", "not_found", *STORE_ERRORS, parameters=[
+                           JOB_ID, _param("wait", "query", {"type": "number", "minimum": 0},
+                                          "Seconds to wait for a final status (capped by "
+                                          "server.max_wait_s).")]),
+            "delete": _op("delete", "/v1/jobs/{id}", "Cancel or delete a job", {
+                "200": {"description": "Cancelled (queued or running) or deleted (final).",
+                        "content": {JSON: {"schema": {"oneOf": [_ref("Cancelled"),
+                                                                _ref("Deleted")]}}}}},
+                "not_found", *STORE_ERRORS, parameters=[JOB_ID])},
+        "/v1/jobs/{id}/embedding.npy": {"get": _op(
+            "get", "/v1/jobs/{id}/embedding.npy", "A done job's embedding (NumPy .npy)",
+            {"200": {"description": "float32, (D,) or (T, D).", "content": {
+                "application/octet-stream": {"schema": {"type": "string"}}}}},
+            "not_found", "conflict", *STORE_ERRORS, parameters=[JOB_ID])},
+        "/v1/recognize": {"post": _op(
+            "post", "/v1/recognize", "Submit and wait (up to server.max_wait_s)",
+            {"200": job, "202": _json(_ref("Job"), "Not final yet: the job with `position`.",
+                                      LOCATION)},
+            *SUBMIT_ERRORS, parameters=SUBMIT_OPTIONS, body=AUDIO_BODY)},
+        "/v1/status": {"get": _op("get", "/v1/status", "Worker and queue state",
+                                  {"200": _json(_ref("Status"), "The status.")},
+                                  *STORE_ERRORS)},
+        "/v1/worker/load": {"post": _op(
+            "post", "/v1/worker/load", "Load the model now (optionally hold it)",
+            {"200": _json(_ref("WorkerStatus"), "Loaded."),
+             "202": _json(_ref("WorkerStatus"), "Loading (wait=false).")},
+            "bad_request", "request_timeout", "shutting_down", "worker_unavailable",
+            "load_failed", parameters=[
+                _param("hold_s", "query", {"type": "number", "minimum": 0},
+                       "Keep it loaded at least this long."),
+                _param("wait", "query", {"type": "string", "enum": ["true", "false"]},
+                       "Answer once loaded (default true).")], body=worker_body)},
+        "/v1/worker/unload": {"post": _op(
+            "post", "/v1/worker/unload", "Drop the model after in-flight work",
+            {"202": _json(_ref("WorkerStatus"), "Unloading.")},
+            "bad_request", "request_timeout", parameters=[
+                _param("exit", "query", {"type": "string", "enum": ["true", "false"]},
+                       "End the worker process too.")],
+            body={"content": {JSON: {"schema": _obj({}, {"exit": BOOL})}}})},
+        "/v1/prewarm": {"get": _op("get", "/v1/prewarm", "Prewarm rules, next fires, holds",
+                                   {"200": _json(_ref("Prewarm"), "The prewarm document.")})},
+        "/v1/cost": {"get": _op(
+            "get", "/v1/cost", "The cost report (per token too)",
+            {"200": _json(_ref("Cost"), "The cost document.")}, "bad_request", *STORE_ERRORS,
+            parameters=[_param(k, "query", STR, "A duration before now (30d), now, a Unix time "
+                                                "or an ISO date.") for k in ("since", "until")])},
+        "/metrics": {"get": _op("get", "/metrics", "Prometheus metrics", {"200": {
+            "description": "Prometheus text format 0.0.4.",
+            "content": {"text/plain": {"schema": STR}}}}, *STORE_ERRORS)},
+        "/healthz": {"get": _op("get", "/healthz", "Liveness (no token)",
+                                {"200": _json(_ref("Health"), "The process serves.")})},
+        "/readyz": {"get": _op("get", "/readyz", "Readiness", {
+            "200": _json(_ref("Ready"), "Ready."),
+            "503": _json(_ref("NotReady"), "Not ready: draining, queue full, storage failing, "
+                                           "a hung worker or a failed task.", RETRY_AFTER)})},
+        "/v1/jobs": {
+            "post": post_jobs,
+            "get": _op("get", "/v1/jobs", "Recent jobs, newest first (a jobs token: its own)", {
+                "200": _json(_obj({"jobs": {"type": "array", "items": {"type": "object"}},
+                                   "next": STR_OR_NULL}), "A page of job summaries.")},
+                "bad_request", *STORE_ERRORS, parameters=[
+                    _param("limit", "query", STR, "Jobs per page."),
+                    _param("status", "query", STR, "Comma-separated statuses to list."),
+                    _param("before", "query", STR, "The `next` of the previous page.")])},
+        "/v1/events": {"get": _op("get", "/v1/events", "Server-sent events: job and worker "
+                                  "progress (the console's feed)", {"200": {
+                                      "description": "text/event-stream",
+                                      "content": {"text/event-stream": {"schema": STR}}}})},
+        "/": {"get": _op("get", "/", "The web console (no data in it; no token)", {"200": {
+            "description": "HTML", "content": {"text/html": {"schema": STR}}}})},
+        "/console/{version}/{path}": {"get": _op(
+            "get", "/console/{version}/{path}", "The console's static files", {
+                "200": {"description": "A static file.", "content": {"*/*": {"schema": STR}}}},
+            "not_found", parameters=[_param("version", "path", STR, "The console's build."),
+                                     _param("path", "path", STR, "The file.")])},
+        "/v1/openapi.json": {"get": _op("get", "/v1/openapi.json", "This document",
+                                        {"200": _json({"type": "object"}, "OpenAPI 3.1.")})},
+    }
+
+
+def document() -> dict[str, Any]:
+    """The whole contract (a fresh copy: callers may change it)."""
+    return copy.deepcopy({
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "ondemand",
+            "version": __version__,
+            "summary": "Scale-to-zero speech emotion recognition (emotion2vec+).",
+            "description": "docs/api.md is the reference, docs/webhooks.md the callbacks. With "
+                           "no server.token and no [[tokens]] configured, no token is needed; "
+                           "otherwise every route but /healthz needs `Authorization: Bearer`, "
+                           "and the scope its `security` names (admin covers all).",
+        },
+        "servers": [{"url": "/"}],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "server.token (admin) or a [[tokens]] token; scopes: jobs, read, "
+                               "admin."}},
+        },
+    })
+
+
+@functools.cache
+def _served() -> dict[str, Any]:
+    return document()
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return json_response(_served())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/openapi.json", get_openapi)

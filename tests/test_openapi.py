@@ -1,0 +1,169 @@
+"""The OpenAPI 3.1 contract (issue 15): a valid document, its paths are exactly the routes the
+app serves, and real answers of a running daemon (successes and errors) validate against it
+with jsonschema (Draft 2020-12, OpenAPI 3.1's dialect)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonschema
+import pytest
+from openapi_spec_validator import validate as validate_spec
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from ondemand.daemon import openapi
+from tests.conftest import Daemon, daemon_config, gated_worker, run, wav_bytes
+
+CLIP = wav_bytes(0.5)
+METHODS = ("get", "post", "put", "delete", "patch")
+
+
+def test_the_document_is_valid_openapi_3_1() -> None:
+    doc = openapi.document()
+    assert doc["openapi"].startswith("3.1")
+    validate_spec(doc)
+
+
+def test_paths_are_exactly_the_served_routes(tmp_path: Path) -> None:
+    app = Daemon(daemon_config(tmp_path)).app
+    served = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
+              if r.method != "HEAD" and r.resource is not None}
+    described = {(m, p) for p, item in openapi.document()["paths"].items()
+                 for m in item if m in METHODS}
+    assert served == described
+
+
+def test_every_http_error_code_is_in_the_contract() -> None:
+    doc = openapi.document()
+    enum = set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+               ["code"]["enum"])
+    assert set(openapi.http_codes()) <= enum
+    listed = {c for item in doc["paths"].values() for op in item.values()
+              for resp in op["responses"].values() for c in resp.get("x-error-codes", ())}
+    # every code a route can answer is named on some route (405/404-route come from aiohttp)
+    assert set(openapi.http_codes()) - listed <= {"method_not_allowed", "request_too_large",
+                                                  "unavailable"}
+
+
+class Contract:
+    """Validates an answer against the operation's response schema in the served document."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.registry: Registry[Any] = Registry().with_resource(
+            "urn:ondemand:openapi", Resource.from_contents(doc, default_specification=DRAFT202012))
+        self.checked: set[tuple[str, str, str]] = set()
+
+    def check(self, method: str, route: str, status: int, ctype: str, body: bytes) -> None:
+        responses = self.doc["paths"][route][method.lower()]["responses"]
+        assert str(status) in responses, f"{method} {route}: {status} is not in the contract"
+        content = responses[str(status)].get("content", {})
+        media = ctype.split(";")[0]
+        assert media in content or any(m.endswith("/*") and media.startswith(m[:-1])
+                                       for m in content), (method, route, status, media)
+        if media == "application/json":
+            pointer = "/".join(("#", "paths", route.replace("~", "~0").replace("/", "~1"),
+                                method.lower(), "responses", str(status), "content",
+                                "application~1json", "schema"))
+            jsonschema.Draft202012Validator({"$ref": f"urn:ondemand:openapi{pointer}"},
+                                            registry=self.registry).validate(json.loads(body))
+        self.checked.add((method.upper(), route, str(status)))
+
+
+async def call(d: Daemon, c: Contract, method: str, route: str, *, path: str | None = None,
+               expect: int | None = None, **kwargs: Any) -> Any:
+    async with d.http.request(method, path or route, **kwargs) as r:
+        body = await r.read()
+        if expect is not None:
+            assert r.status == expect, (method, route, r.status, body[:200])
+        c.check(method, route, r.status, r.headers.get("Content-Type", ""), body)
+        return json.loads(body) if r.content_type == "application/json" else body
+
+
+def test_real_answers_validate_against_the_contract(tmp_path: Path) -> None:
+    hooks = {"secret": "s", "allowed_hosts": ["127.0.0.1/32"]}
+    raw = {"data": CLIP, "headers": {"Content-Type": "audio/wav"}}
+
+    async def main() -> None:
+        async with Daemon(daemon_config(tmp_path, webhooks=hooks)) as d:
+            async with d.http.get("/v1/openapi.json") as r:
+                c = Contract(await r.json())
+            await call(d, c, "GET", "/v1/openapi.json", expect=200)
+            await call(d, c, "GET", "/healthz", expect=200)
+            await call(d, c, "GET", "/readyz", expect=200)
+            acc = await call(d, c, "POST", "/v1/jobs", expect=202, params={
+                "embedding": "true", "callback_url": "http://127.0.0.1:9/h"}, **raw)
+            job = f"/v1/jobs/{acc['id']}"
+            await call(d, c, "GET", "/v1/jobs/{id}", path=job, expect=200,
+                       params={"wait": "10"})
+            await call(d, c, "GET", "/v1/jobs/{id}/embedding.npy", path=job + "/embedding.npy",
+                       expect=200)
+            await call(d, c, "POST", "/v1/recognize", expect=200, params={
+                "granularity": "frame"}, **raw)
+            form = aiohttp.FormData()
+            form.add_field("audio", CLIP, filename="clip.wav", content_type="audio/wav")
+            form.add_field("key", "k")
+            await call(d, c, "POST", "/v1/jobs", expect=202, data=form)
+            await call(d, c, "GET", "/v1/status", expect=200)
+            await call(d, c, "GET", "/v1/prewarm", expect=200)
+            await call(d, c, "GET", "/v1/cost", expect=200)
+            await call(d, c, "GET", "/metrics", expect=200)
+            await call(d, c, "POST", "/v1/worker/load", expect=200, json={"hold_s": 1})
+            await call(d, c, "POST", "/v1/worker/unload", expect=202, json={"exit": True})
+            await call(d, c, "DELETE", "/v1/jobs/{id}", path=job, expect=200)
+            # errors
+            await call(d, c, "GET", "/v1/jobs/{id}", path=job, expect=404)
+            await call(d, c, "DELETE", "/v1/jobs/{id}", path=job, expect=404)
+            await call(d, c, "GET", "/v1/jobs/{id}", path=job, expect=400,
+                       params={"wait": "soon"})
+            await call(d, c, "POST", "/v1/jobs", expect=400, data=b"not audio",
+                       headers={"Content-Type": "audio/wav"})
+            await call(d, c, "POST", "/v1/jobs", expect=400, params={
+                "callback_url": "http://10.0.0.1/h"}, **raw)
+            await call(d, c, "POST", "/v1/jobs", expect=415, data=b"x",
+                       headers={"Content-Type": "text/plain"})
+            await call(d, c, "GET", "/v1/cost", expect=400, params={"since": "yesterday-ish"})
+            await call(d, c, "POST", "/v1/worker/load", expect=400, data=b"[",
+                       headers={"Content-Type": "application/json"})
+        assert len(c.checked) >= 20
+
+    run(main())
+
+
+def test_auth_and_limit_errors_validate(tmp_path: Path) -> None:
+    import dataclasses
+    import hashlib
+
+    from ondemand.config import TokenConfig
+
+    token = "reader-token-0123456789abcdef"
+    cfg = dataclasses.replace(
+        daemon_config(tmp_path, server={"token": "admin-token-0123456789abcdef"}),
+        tokens=(TokenConfig("reader", hashlib.sha256(token.encode()).hexdigest(), ("read",)),))
+    gate = tmp_path / "gate"
+
+    async def main() -> None:
+        async with Daemon(cfg, worker_cmd=gated_worker(gate)) as d:
+            c = Contract(openapi.document())
+            await call(d, c, "GET", "/v1/status", expect=401)
+            await call(d, c, "POST", "/v1/worker/unload", expect=403,
+                       headers={"Authorization": f"Bearer {token}"})
+            await call(d, c, "GET", "/readyz", expect=200,
+                       headers={"Authorization": f"Bearer {token}"})
+            gate.touch()
+
+    run(main())
+
+
+@pytest.mark.parametrize("route", ["/v1/jobs/{id}", "/v1/recognize"])
+def test_job_documents_carry_the_callback_schema(route: str) -> None:
+    doc = openapi.document()
+    schemas = doc["components"]["schemas"]
+    assert "callback" in schemas["Job"]["required"]
+    assert schemas["Callback"]["properties"]["state"]["enum"] == ["waiting", "pending",
+                                                                  "delivered", "failed"]
+    assert route in doc["paths"]
