@@ -167,7 +167,8 @@ class EventLog:
             client.push(data)
 
     def worker_frame(self) -> bytes:
-        return frame("worker", {"worker": self._sup.status().to_json(), "time": round(time.time(), 6)})
+        return frame("worker", {"worker": self._sup.status().to_json(),
+                                "time": round(time.time(), 6)})
 
     def _send_worker(self) -> None:
         self._worker_due = False
