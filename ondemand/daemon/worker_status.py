@@ -98,7 +98,3 @@ class WorkerStatus:
         doc["last_error"] = self.last_error.to_json() if self.last_error else None
         doc["last_exit"] = self.last_exit.to_json() if self.last_exit else None
         return doc
-
-    def __getitem__(self, key: str) -> Any:
-        """Transitional: tests still read `sup.status()["pid"]`.  New code uses attributes."""
-        return self.to_json()[key]
