@@ -167,6 +167,12 @@ def hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def request(url: str, method: str, path: str, body: Any = None,
             headers: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
     u = urlsplit(url)
@@ -193,8 +199,10 @@ def end_to_end(model: Path, wav: Path, dtype: str) -> dict[str, Any]:
         proc, url = start_serve(config)
         try:
             t0 = time.perf_counter()
-            request(url, "POST", "/v1/worker/load", b"{}", {"Content-Type": "application/json"})
+            loaded = request(url, "POST", "/v1/worker/load", b"{}",
+                             {"Content-Type": "application/json"})
             load_s = time.perf_counter() - t0
+            worker_cpu0, front_cpu0 = cpu_s(loaded["pid"]), cpu_s(proc.pid)
             size = wav.stat().st_size
             t0 = time.perf_counter()
             with open(wav, "rb") as fh:
@@ -207,6 +215,8 @@ def end_to_end(model: Path, wav: Path, dtype: str) -> dict[str, Any]:
                     break
             total_s = time.perf_counter() - t0
             worker_pid = request(url, "GET", "/v1/status")["worker"]["pid"]
+            worker_cpu_s = cpu_s(worker_pid) - worker_cpu0
+            front_cpu_s = cpu_s(proc.pid) - front_cpu0
             res = job.get("result") or {}
             out = {
                 "dtype": dtype, "status": job["status"], "error": job.get("error"),
@@ -220,6 +230,12 @@ def end_to_end(model: Path, wav: Path, dtype: str) -> dict[str, Any]:
                 "speech_s": (res.get("summary") or {}).get("speech_s"),
                 "front_end_peak_mb": hwm_mb(proc.pid),
                 "worker_peak_mb": hwm_mb(worker_pid),
+                # CPU seconds the job took in each process: what a quiet machine would need
+                # (other work on the shared cores stretches wall time, not CPU time)
+                "worker_cpu_s": round(worker_cpu_s, 1),
+                "front_end_cpu_s": round(front_cpu_s, 1),
+                "audio_s_per_worker_cpu_s": round(job["duration_s"] / worker_cpu_s, 2),
+                "load_avg_1m_end": round(os.getloadavg()[0], 2),
             }
         finally:
             proc.send_signal(signal.SIGTERM)

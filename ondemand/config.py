@@ -353,6 +353,69 @@ class WebhooksConfig:
         return bool(self.key() and self.allowed_hosts)
 
 
+CLUSTER_BACKENDS = ("local", "ray")
+AUDIO_TRANSPORTS = ("body", "path")
+
+
+def non_negative_int(v: int) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where batches run (ondemand/cluster/, docs/cluster.md): `local` = the one worker process
+    the supervisor owns (the default); `ray` = a Ray Serve application whose replicas run the
+    engine, scaled by Ray between min_replicas and max_replicas.  Read only when backend = "ray"
+    (nothing imports ray otherwise)."""
+
+    backend: str = _setting("local", one_of(*CLUSTER_BACKENDS))
+    # The Ray cluster: "auto" (the one `ray start` runs on this machine), "HOST:PORT" of the head
+    # (this machine must be a node of it), or "ray://HOST:10001" (Ray Client, from outside).
+    address: str = "auto"
+    app: str = _setting("ondemand", lambda v: None if v.replace("-", "").replace("_", "").isalnum()
+                        else f"must be letters, digits, - and _, got {v!r}")
+    serve_host: str = "127.0.0.1"  # where Ray Serve's HTTP proxy listens (first deploy wins)
+    serve_port: int = _setting(8000, port)
+    serve_url: str = ""  # where the front end posts batches; "" = http://127.0.0.1:serve_port
+    min_replicas: int = _setting(0, non_negative_int)  # 0 = every GPU returns to zero when idle
+    max_replicas: int = _setting(1, at_least_one)
+    gpus_per_replica: float = _setting(1.0, non_negative)  # 0 = CPU-only replicas
+    cpus_per_replica: float = _setting(1.0, non_negative)
+    # Batches a replica takes at once (Serve's max_ongoing_requests and target_ongoing_requests);
+    # the dispatcher keeps up to max_replicas x this many batches in flight.
+    batches_per_replica: int = _setting(1, at_least_one)
+    hold_replicas: int = _setting(1, at_least_one)  # replicas a prewarm or manual hold keeps
+    audio_transport: str = _setting("body", one_of(*AUDIO_TRANSPORTS))  # path: shared storage.dir
+    upscale_delay_s: float = _setting(2.0, non_negative)  # Serve's, beyond the 0 -> 1 fast path
+    downscale_delay_s: float = _setting(60.0, non_negative)  # n -> n-1; 1 -> 0 is exit_after_s
+    metrics_interval_s: float = _setting(1.0, positive)  # how often Serve's autoscaler hears load
+    look_back_period_s: float = _setting(5.0, positive)  # the window it averages load over
+    poll_s: float = _setting(1.0, positive)  # the agent's look at replicas and the deployment
+    retry_s: float = _setting(5.0, positive)  # an unreachable cluster is tried again this often
+    connect_timeout_s: float = _setting(60.0, positive)  # agent start -> application deployed
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.max_replicas < self.min_replicas:
+            return "max_replicas", (f"must be >= cluster.min_replicas ({self.min_replicas}), "
+                                    f"got {self.max_replicas}")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            return "look_back_period_s", (
+                f"must be > cluster.metrics_interval_s ({self.metrics_interval_s:g}), "
+                f"got {self.look_back_period_s:g}")
+        return None
+
+    @property
+    def url(self) -> str:
+        """The Serve application's route for batches."""
+        base = self.serve_url.rstrip("/") or f"http://127.0.0.1:{self.serve_port}"
+        return f"{base}/{self.app}"
+
+    @property
+    def device_type(self) -> str:
+        """What the replicas run on: cuda with GPUs per replica, else cpu."""
+        return "cuda" if self.gpus_per_replica > 0 else "cpu"
+
+
 SCOPES = ("jobs", "read", "admin")
 SERVER_TOKEN_NAME = "server"  # the owner name of jobs submitted with server.token
 TOKEN_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -438,6 +501,7 @@ class Config:
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     # `[[tokens]]` tables: named, scoped tokens (daemon/auth.py); `tokens[1].name` is the first.
     tokens: tuple[TokenConfig, ...] = field(default=(), metadata={"build": build_tokens})
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # docs/cluster.md
 
     def auth_token(self) -> str:
         return self.server.token or os.environ.get("ONDEMAND_TOKEN", "")

@@ -261,6 +261,13 @@ class LoadFailed(WorkerUnavailable):
     code = "load_failed"
 
 
+class ClusterUnavailable(WorkerUnavailable):
+    """`cluster.backend = "ray"`: the Ray cluster cannot take work now (unreachable, or its
+    Serve application not deployed yet); jobs stay queued (docs/cluster.md)."""
+
+    code = "cluster_unavailable"
+
+
 class StorageFull(OndemandError):
     """Spooling hit a full disk: nothing was queued."""
 

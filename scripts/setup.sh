@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the virtual environment with the right torch build, then ondemand itself.
 #   bash scripts/setup.sh          runtime only
-#   bash scripts/setup.sh --dev    plus the test/lint tools
+#   bash scripts/setup.sh --dev    plus the test/lint tools and ray[serve] (the cluster extra)
 # Environment knobs:
 #   ONDEMAND_VENV         where the venv goes (default .venv)
 #   ONDEMAND_TORCH_SPEC   pip requirement for torch (default: CUDA build on NVIDIA machines,
@@ -37,7 +37,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 
 if [ "${1:-}" = "--dev" ]; then
-  "${pip[@]}" -e ".[dev]"
+  # cluster: ray[serve] for tests/test_cluster_ray.py (a 79 MB wheel; about 15 s to install)
+  "${pip[@]}" -e ".[dev,cluster]"
 else
   "${pip[@]}" -e .
 fi

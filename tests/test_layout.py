@@ -30,6 +30,9 @@ EVERYWHERE = "<all>"
 FRONT_END_PACKAGES = ("ondemand.daemon", "ondemand.console", "ondemand.cost", "ondemand.prewarm",
                       "ondemand.commands", "ondemand.cli", "ondemand.client")
 WORKER_SIDE = ("ondemand.worker", "ondemand.model")
+# cluster/ runs in the front end, except agent.py (its own process, the one Ray driver); its
+# messages.py and wire.py are pure like core: the agent and the replica import them too.
+CLUSTER_PURE = ("cluster/messages.py", "cluster/wire.py")
 
 
 @dataclass(frozen=True)
@@ -46,11 +49,22 @@ RULES = (
     Rule("torch only in the worker process",
          who=(EVERYWHERE,), but_not=("worker/", "model/"), never=("torch",)),
     Rule("the front end never imports the worker's code",
-         who=("daemon/", "console/", "cost/", "prewarm/", "commands/", CORE, *ENTRY_POINTS),
+         who=("daemon/", "console/", "cost/", "prewarm/", "commands/", "cluster/", CORE,
+              *ENTRY_POINTS),
          never=WORKER_SIDE,
          # `ondemand infer` / `make-test-model` run the engine in the CLI's own process; lazily,
-         # so `ondemand serve` (same parser) stays torch-free
-         lazily=(("commands/engine_cmds.py", "ondemand.model"),)),
+         # so `ondemand serve` (same parser) stays torch-free.  The cluster agent (a process of
+         # its own) creates the replicas' registry actor and deploys ray_replica by name.
+         lazily=(("commands/engine_cmds.py", "ondemand.model"),
+                 ("cluster/agent.py", "ondemand.worker"))),
+    Rule("ray only in the cluster agent and the replica, and only lazily",
+         who=(EVERYWHERE,), never=("ray", "starlette"),
+         lazily=(("cluster/agent.py", "ray"), ("worker/ray_replica.py", "ray"),
+                 ("worker/ray_replica.py", "starlette"))),
+    Rule("the replica imports only the pure cluster modules",
+         who=("worker/", "model/"), never=("ondemand.cluster",),
+         allowed=(("worker/ray_replica.py", "ondemand.cluster.messages"),
+                  ("worker/ray_replica.py", "ondemand.cluster.wire"))),
     Rule("the worker process never imports the front end",
          who=("worker/", "model/"), never=FRONT_END_PACKAGES),
     # The client package runs in the user's program: core (errors, config) and itself only
@@ -58,7 +72,9 @@ RULES = (
          who=("sdk/",), never=FRONT_END_PACKAGES + WORKER_SIDE),
     Rule("core modules import only core modules",
          # prewarm/rules.py is here because core imports it: it must be as pure as core
-         who=(CORE, "client.py", "prewarm/rules.py"), never=FRONT_END_PACKAGES + WORKER_SIDE,
+         who=(CORE, "client.py", "prewarm/rules.py", *CLUSTER_PURE),
+         never=(*FRONT_END_PACKAGES, *WORKER_SIDE, "ondemand.cluster.agent",
+                "ondemand.cluster.link", "ondemand.cluster.dispatch", "ondemand.cluster.api"),
          # config validates [[prewarm]] with the pure rules module (docs/design.md)
          allowed=(("config.py", "ondemand.prewarm.rules"),)),
 )
@@ -228,7 +244,8 @@ def test_import_rule(rule: Rule) -> None:
 
 def test_rules_cover_every_module() -> None:
     """Every module is under some folder the rules know: a new folder gets a line in RULES."""
-    known = ("daemon/", "console/", "cost/", "prewarm/", "commands/", "worker/", "model/", "sdk/")
+    known = ("daemon/", "console/", "cost/", "prewarm/", "commands/", "worker/", "model/", "sdk/",
+             "cluster/")
     for rel in all_modules():
         file = rel.as_posix()
         assert "/" not in file or file.startswith(known), f"ondemand/{file}: add it to RULES"
@@ -302,3 +319,24 @@ def test_worker_process_never_loads_the_front_end() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_local_mode_never_loads_ray() -> None:
+    """Every module outside worker/ and model/, the CLI parser and the whole app built with the
+    default config (`cluster.backend = "local"`): nothing of Ray is loaded (issue 13)."""
+    names = [module_name(rel) for rel in all_modules()
+             if not rel.as_posix().startswith(("worker/", "model/")) and rel.name != "__main__.py"]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import ondemand.cli; ondemand.cli.build_parser()\n"
+        "from ondemand.config import Config\n"
+        "from ondemand.daemon.app import build_app\n"
+        "build_app(Config())\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'starlette'))\n"
+        "assert not bad, bad[:10]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ondemand.cluster.dispatch" in names and "ondemand.cluster.agent" in names

@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -30,8 +31,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ondemand import config as config_mod
 from ondemand import protocol as p
 from ondemand.daemon import api
+from ondemand.errors import ConfigError
 from ondemand.worker.main import LoadInfo, Worker
 from tests.conftest import (
     Daemon,
@@ -254,3 +257,41 @@ def test_worker_beats_from_a_thread_and_lines_never_interleave(tmp_path: Path) -
     assert [b.seconds for b in beats] == sorted(b.seconds for b in beats)
     assert isinstance(events[-1], p.Result)  # no beat after the answer
     assert events[-1].results[0].result == {"key": "k", "scores": [0.5, 0.5]}
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("worker", {"heartbeat_s": 2.0, "heartbeat_timeout_s": 3.0},
+     "worker.heartbeat_timeout_s: must be >= 2 x worker.heartbeat_s (4)"),
+    ("worker", {"heartbeat_s": 0}, "worker.heartbeat_s: must be > 0"),
+    ("worker", {"batch_deadline_factor": 0.5}, "worker.batch_deadline_factor: must be >= 1"),
+    ("worker", {"batch_default_speed": float("inf")},
+     "worker.batch_default_speed: must be a finite"),
+    ("storage", {"retry_min_s": 2.0, "retry_max_s": 1.0},
+     "storage.retry_max_s: must be >= storage.retry_min_s (2)"),
+])
+def test_liveness_settings_are_checked(section: str, values: dict[str, float],
+                                       message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_mod.build(config_mod.Config, {section: values})
+
+
+def test_a_worker_that_never_answers_unload_is_killed_as_hung(tmp_path: Path) -> None:
+    """The unload is an op too: a worker that does not answer it within heartbeat_timeout_s is
+    hung (before, the daemon stayed `unloading` and every job waited forever)."""
+    cfg = daemon_config(tmp_path / "var", worker={**BEAT, "unload_after_s": 0})
+
+    async def main() -> None:
+        # the first worker's unload never finishes
+        worker = nth_spawn_worker(tmp_path / "spawns", 1, unload_s="60")
+        async with Daemon(cfg, worker_cmd=worker) as d:
+            first = await d.final((await d.submit(wav_bytes(0.5)))["id"])
+            assert first["status"] == "done"
+            await d.wait_state("unloading")
+            second = await d.submit(wav_bytes(0.5))  # waits for the model meanwhile
+            done = await d.final(second["id"], 20)
+            assert done["status"] == "done" and done["attempts"] == 1, done
+            exits = d.exits()
+            assert [e.kind for e in exits] == ["hung"] and "no answer" in exits[0].detail
+            assert d.sup.spawns == 2
+
+    run(main())

@@ -1,9 +1,11 @@
 """The OpenAPI 3.1 contract (issue 15): a valid document, its paths are exactly the routes the
-app serves, and real answers of a running daemon (successes and errors) validate against it
-with jsonschema (Draft 2020-12, OpenAPI 3.1's dialect)."""
+app serves, and real answers of a running daemon (successes and errors, the console's page and
+files, the event stream's frames) validate against it with jsonschema (Draft 2020-12, OpenAPI
+3.1's dialect)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,10 @@ from openapi_spec_validator import validate as validate_spec
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from ondemand.console import routes as console
 from ondemand.daemon import openapi
-from tests.conftest import Daemon, daemon_config, gated_worker, run, wav_bytes
+from ondemand.sdk.sse import Decoder, ServerEvent
+from tests.conftest import Daemon, daemon_config, gated_worker, run, wait_for, wav_bytes
 
 CLIP = wav_bytes(0.5)
 METHODS = ("get", "post", "put", "delete", "patch")
@@ -63,15 +67,28 @@ class Contract:
         assert str(status) in responses, f"{method} {route}: {status} is not in the contract"
         content = responses[str(status)].get("content", {})
         media = ctype.split(";")[0]
-        assert media in content or any(m.endswith("/*") and media.startswith(m[:-1])
-                                       for m in content), (method, route, status, media)
+        if not content:  # 304
+            assert not body, (method, route, status)
+        else:
+            assert media in content or any(m.endswith("/*") and media.startswith(m[:-1])
+                                           for m in content), (method, route, status, media)
         if media == "application/json":
             pointer = "/".join(("#", "paths", route.replace("~", "~0").replace("/", "~1"),
                                 method.lower(), "responses", str(status), "content",
                                 "application~1json", "schema"))
-            jsonschema.Draft202012Validator({"$ref": f"urn:ondemand:openapi{pointer}"},
-                                            registry=self.registry).validate(json.loads(body))
+            self.validate(pointer, json.loads(body))
         self.checked.add((method.upper(), route, str(status)))
+
+    def validate(self, pointer: str, value: Any) -> None:
+        jsonschema.Draft202012Validator({"$ref": f"urn:ondemand:openapi{pointer}"},
+                                        registry=self.registry).validate(value)
+
+    def check_event(self, ev: ServerEvent) -> None:
+        """A parsed frame of GET /v1/events against `ServerEvent` (its data: `Event<Name>`)."""
+        frame = {"event": ev.event, "data": ev.json(), **({"id": ev.id} if ev.id is not None
+                                                            else {})}
+        self.validate("#/components/schemas/ServerEvent", frame)
+        self.checked.add(("EVENT", ev.event, "id" if ev.id is not None else ""))
 
 
 async def call(d: Daemon, c: Contract, method: str, route: str, *, path: str | None = None,
@@ -129,7 +146,88 @@ def test_real_answers_validate_against_the_contract(tmp_path: Path) -> None:
             await call(d, c, "GET", "/v1/cost", expect=400, params={"since": "yesterday-ish"})
             await call(d, c, "POST", "/v1/worker/load", expect=400, data=b"[",
                        headers={"Content-Type": "application/json"})
-        assert len(c.checked) >= 20
+            await console_answers(d, c)
+        assert len(c.checked) >= 28
+
+    run(main())
+
+
+async def console_answers(d: Daemon, c: Contract) -> None:
+    """The console's routes: the listing (pages, filters, refusals), the page and its files
+    (every media type the bundle has, 304, 404)."""
+    listing = await call(d, c, "GET", "/v1/jobs", expect=200)
+    assert listing["jobs"] and {j["status"] for j in listing["jobs"]} >= {"done"}
+    page = await call(d, c, "GET", "/v1/jobs", expect=200, params={"limit": "1"})
+    await call(d, c, "GET", "/v1/jobs", expect=200,
+               params={"before": page["next"], "status": "done,failed"})
+    await call(d, c, "GET", "/v1/jobs", expect=400, params={"limit": "0"})
+    await call(d, c, "GET", "/v1/jobs", expect=400, params={"status": "weird"})
+    async with d.http.get("/") as r:
+        etag = r.headers["ETag"]
+    await call(d, c, "GET", "/", expect=200)
+    await call(d, c, "GET", "/", expect=304, headers={"If-None-Match": etag})
+    bundle = console.load_bundle()
+    static = "/console/{version}/{path}"
+    by_type = {a.content_type: name for name, a in sorted(bundle.files.items())}
+    assert len(by_type) >= 4  # js, css, svg, the licences' text
+    for name in by_type.values():
+        await call(d, c, "GET", static, path=f"/console/{bundle.version}/{name}", expect=200)
+    first = f"/console/{bundle.version}/{next(iter(by_type.values()))}"
+    async with d.http.get(first) as r:
+        etag = r.headers["ETag"]
+    await call(d, c, "GET", static, path=first, expect=304, headers={"If-None-Match": etag})
+    await call(d, c, "GET", static, path=f"/console/{bundle.version}/nope.js", expect=404)
+
+
+def test_event_stream_frames_validate_against_their_schemas(tmp_path: Path) -> None:
+    """Every event name, from live streams: a cancelled job, a load with a hold, jobs queued,
+    running and done, a segmented recording's progress, an unload with exit, a reset and a
+    resume; each frame validates against `ServerEvent`, and ids are on history events only."""
+    gate = tmp_path / "gate"
+
+    async def main() -> None:
+        async with Daemon(daemon_config(tmp_path), worker_cmd=gated_worker(gate)) as d:
+            c = Contract(openapi.document())
+            frames: list[ServerEvent] = []
+
+            async def read(headers: dict[str, str], until: str) -> None:
+                async with d.http.get("/v1/events", headers=headers) as r:
+                    c.check("GET", "/v1/events", r.status, r.headers["Content-Type"], b"")
+                    decoder = Decoder()
+                    async for chunk in r.content.iter_any():
+                        for ev in decoder.feed(chunk):
+                            c.check_event(ev)
+                            frames.append(ev)
+                            if ev.event == until:
+                                return
+
+            live = asyncio.create_task(read({}, until="exited"))
+            await wait_for(lambda: bool(frames), what="hello")
+            cancelled = await d.submit(CLIP)  # queued: the worker waits for the gate
+            async with d.http.delete(f"/v1/jobs/{cancelled['id']}") as r:
+                assert r.status == 200
+            gate.touch()
+            async with d.http.post("/v1/worker/load", json={"hold_s": 30}) as r:
+                assert r.status == 200
+            await d.final((await d.submit(CLIP))["id"])
+            segmented = await d.submit(wav_bytes(40.0), segments="fixed", window_s=3, hop_s=3)
+            await d.final(segmented["id"])
+            async with d.http.post("/v1/worker/unload", json={"exit": True}) as r:
+                assert r.status == 202
+            await asyncio.wait_for(live, 20)
+            live_ids = [int(ev.id) for ev in frames if ev.id]
+            await asyncio.wait_for(read({"Last-Event-ID": "not-an-id"}, until="queue"), 10)
+            assert [ev.event for ev in frames[-4:]] == ["hello", "reset", "worker", "queue"]
+            seen = len(frames)
+            before_first = str(live_ids[0] - 1)
+            await asyncio.wait_for(read({"Last-Event-ID": before_first}, until="queue"), 10)
+            replayed = [int(ev.id) for ev in frames[seen:] if ev.id]
+            assert replayed[:len(live_ids)] == live_ids  # the whole buffer again, in order
+        names = {ev.event for ev in frames}
+        assert names == set(openapi.EVENTS), set(openapi.EVENTS) ^ names
+        jobs = [ev.json() for ev in frames if ev.event == "job"]
+        assert {"done_s", "total_s"} <= {k for j in jobs for k in j}  # progress was seen
+        assert "cancelled" in {j["status"] for j in jobs}
 
     run(main())
 
@@ -150,6 +248,8 @@ def test_auth_and_limit_errors_validate(tmp_path: Path) -> None:
         async with Daemon(cfg, worker_cmd=gated_worker(gate)) as d:
             c = Contract(openapi.document())
             await call(d, c, "GET", "/v1/status", expect=401)
+            await call(d, c, "GET", "/v1/events", expect=401)
+            await call(d, c, "GET", "/v1/jobs", expect=401)
             await call(d, c, "POST", "/v1/worker/unload", expect=403,
                        headers={"Authorization": f"Bearer {token}"})
             await call(d, c, "GET", "/readyz", expect=200,

@@ -249,3 +249,29 @@ def test_job_documents_say_how_they_were_segmented(tmp_path: Path) -> None:
             json.dumps(plain, allow_nan=False)
 
     run(main())
+
+
+def test_cli_submit_with_segments(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import serve_config, start_serve
+
+    proc, url = start_serve(serve_config(tmp_path), fake_env())
+    try:
+        f = tmp_path / "call.wav"
+        f.write_bytes(tone(7.0))
+        emb = tmp_path / "emb"
+        out = subprocess.run(
+            [sys.executable, "-m", "ondemand", "submit", str(f), "--segments", "fixed",
+             "--window-s", "2", "--hop-s", "2", "--embeddings-dir", str(emb), "--url", url],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert [(s["start_s"], s["end_s"]) for s in doc["segments"]] == [
+            (0.0, 2.0), (2.0, 4.0), (4.0, 6.0), (5.0, 7.0)]
+        assert np.load(emb / "call.npy").shape == (4, 4)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0

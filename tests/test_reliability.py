@@ -416,17 +416,18 @@ def test_full_disk_while_spooling_injected_enospc(tmp_path: Path,
 
     from ondemand import spool as spool_mod
 
-    real_save = np.save
+    real_write = spool_mod.NpyWriter.write
     full = {"on": True}
 
-    def save_then_fill(f: Any, arr: np.ndarray, **kw: Any) -> None:
+    def write_then_fill(self: Any, block: np.ndarray) -> None:
         if not full["on"]:
-            real_save(f, arr, **kw)
+            real_write(self, block)
             return
-        f.write(b"\x93NUMPY" + b"\0" * 1000)  # a partial file really lands on disk
+        self._fh.write(b"\0" * 1000)  # a partial file really lands on disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool_mod.np, "save", save_then_fill)
+    # the decode streams its blocks into the spool file (issue 12)
+    monkeypatch.setattr(spool_mod.NpyWriter, "write", write_then_fill)
 
     async def main() -> None:
         async with Daemon(daemon_config(tmp_path)) as d:

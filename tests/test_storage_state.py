@@ -29,6 +29,8 @@ import pytest
 from ondemand.client import Client
 from ondemand.cost.ledger import LEDGER_FILE
 from ondemand.daemon import lock as storage_lock
+from ondemand.daemon.sdnotify import Notifier
+from ondemand.daemon.service import ServiceNotifier
 from ondemand.daemon.store import DONE, QUEUED, SCHEMA_VERSION, Job, Store
 from ondemand.errors import StorageError, StorageLocked
 from tests.conftest import (
@@ -377,11 +379,19 @@ def test_database_failing_at_run_time_is_503_and_not_ready_logged_once(
                         "ready": False,
                         "reason": "job database failing: database disk image is malformed"}
             assert not list((tmp_path / "spool").iterdir())  # refused uploads leave no file
+            # systemd's watchdog: no ping while the store fails (so it restarts us), one line
+            service = ServiceNotifier(d.app, Notifier())
+            assert await service.tick() is False
+            assert await service.tick() is False
+            await service.close()
 
-    with caplog.at_level(logging.INFO, logger="ondemand.daemon.store"):
+    with caplog.at_level(logging.INFO, logger="ondemand"):
         run(main())
     failing = [r for r in caplog.records if "store database failing" in r.getMessage()]
     assert len(failing) == 1
+    no_ping = [r for r in caplog.records if "no ping while the job store fails" in r.getMessage()]
+    assert len(no_ping) == 1
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback anywhere
 
 
 def test_cost_command_on_a_damaged_ledger_says_so_in_one_line(tmp_path: Path) -> None:

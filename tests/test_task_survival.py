@@ -32,6 +32,7 @@ import pytest
 
 from ondemand.daemon import api
 from ondemand.daemon.guard import TaskGuard
+from ondemand.prewarm.rules import build_rules
 from tests.conftest import (
     SERVING,
     Daemon,
@@ -319,3 +320,25 @@ def test_unasked_return_is_a_failure() -> None:
 
     run(main())
 
+
+
+@pytest.mark.parametrize("name", ["supervisor", "dispatcher", "purge", "prewarm"])
+def test_every_owner_task_is_watched(tmp_path: Path, name: str) -> None:
+    """Each component's task, ended from outside (cancelled: no mock, the real task), turns
+    /readyz 503 naming it: none of them can end quietly."""
+    base = daemon_config(tmp_path / "var")
+    cfg = dataclasses.replace(base, prewarm=build_rules(
+        [{"name": "never", "cron": "0 3 1 1 *", "hold": "1h", "catch_up": False}], "prewarm"))
+
+    async def main() -> None:
+        async with Daemon(cfg) as d:
+            task = next(t for t in asyncio.all_tasks() if t.get_name() == name)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with d.http.get("/readyz") as r:
+                assert r.status == 503
+                assert (await r.json())["reason"] == f"task {name} was cancelled"
+            assert d.app[api.GUARD].failed == f"task {name} was cancelled"
+
+    run(main())

@@ -84,10 +84,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
         try:
             decoded = decode(Path(name), max_seconds=cfg.audio.max_seconds)
         except AudioError as e:
+            message = e.message
+            if e.code == "too_long":  # the whole-clip limit: a timeline has a higher one
+                message += (" With --segments vad or --segments fixed it gets a timeline, up "
+                            f"to {cfg.audio.max_segmented_seconds:g} s.")
             failures[i] = {
                 "key": key,
                 "file": name,
-                "error": {"code": e.code, "message": e.message},
+                "error": {"code": e.code, "message": message},
             }
             continue
         except OSError as e:

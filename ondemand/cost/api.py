@@ -25,6 +25,13 @@ from ondemand.cost import report as cost
 from ondemand.cost.accounting import Accounting
 from ondemand.cost.ledger import Ledger, connect, read_intervals
 from ondemand.cost.metrics import CONTENT_TYPE
+from ondemand.cost.replicas import (
+    ReplicaAccounting,
+    ReplicaLedger,
+    cluster_report,
+    read_replica_intervals,
+    units,
+)
 from ondemand.cost.tokens import TokenMetrics, add_tokens
 from ondemand.daemon import api
 from ondemand.daemon.http import json_response
@@ -35,6 +42,7 @@ from ondemand.gpu import GpuProbe, open_probe
 GPU: web.AppKey[Any] = web.AppKey("gpu_probe")
 TOKEN_METRICS = web.AppKey("token_metrics", TokenMetrics)
 ACCOUNTING = web.AppKey("accounting", Accounting)
+REPLICAS = web.AppKey("replica_accounting", ReplicaAccounting)  # cluster.backend = "ray" only
 
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
@@ -50,9 +58,17 @@ def context(cfg: Config, *, gpu: GpuProbe | None = None) -> CleanupCtx:
         acc = Accounting(cfg.cost, cfg.worker, ledger, probe)
         acc.start(app[api.BUS])
         app[ACCOUNTING] = acc
+        replicas = None
+        if cfg.cluster.backend == "ray":  # each replica's lifetime (cost/replicas.py)
+            replicas = ReplicaAccounting(cfg.cost, cfg.cluster, ReplicaLedger(ledger.path))
+            replicas.start(app[api.BUS])
+            app[REPLICAS] = replicas
         try:
             yield
         finally:
+            if replicas is not None:
+                replicas.close()
+                replicas.ledger.close_db()
             acc.close()
             ledger.close_db()
             if gpu is None:
@@ -79,18 +95,38 @@ def cost_document(
     """The cost document from the ledger file, on its own read-only connection (safe in a
     thread, beside the daemon's writer: SQLite WAL)."""
     conn = connect(ledger_path, readonly=True)
+    now = time.time() if now is None else now
     try:
-        return cost.document(
+        doc = cost.document(
             lambda lo, hi: read_intervals(conn, lo, hi),
-            time.time() if now is None else now,
+            now,
             cfg.cost,
             cfg.worker,
             since=since,
             until=until,
             probe=probe,
         )
+        _add_replicas(doc, conn, cfg, now)
+        return doc
     finally:
         conn.close()
+
+
+def _add_replicas(doc: dict[str, Any], conn: Any, cfg: Config, now: float) -> None:
+    """Each period gains `cluster` (the Ray replicas' figures, summed and per node) and `total`
+    (local worker + replicas); docs/cluster.md, "Costs"."""
+    for period in doc["periods"]:
+        lo, hi = cost.parse_when(period["since"], now), cost.parse_when(period["until"], now)
+        ivs = read_replica_intervals(conn, lo, hi)
+        if not ivs and cfg.cluster.backend != "ray":
+            continue
+        c = cluster_report(ivs, lo, hi, now, cfg.cost, covered_hours=period["covered_hours"],
+                           max_replicas=cfg.cluster.max_replicas, units=units(cfg.cluster))
+        period["cluster"] = c
+        local = period["cost"]
+        period["total"] = {"on_demand_usd": local["on_demand_usd"] + c["on_demand_usd"],
+                           "idle_usd": local["idle_usd"] + c["idle_usd"],
+                           "gpu_hours": period["hours"]["gpu_held"] + c["gpu_hours"]}
 
 
 def _when(request: web.Request, key: str, now: float) -> float | None:
@@ -133,4 +169,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     store = request.app[api.STORE]
     acc.metrics.jobs_queued.set((await store.counts()).get(QUEUED, 0))
     body = acc.metrics.exposition() + request.app[TOKEN_METRICS].exposition(await store.usage())
+    replicas = request.app.get(REPLICAS)
+    if replicas is not None:  # ray: the replicas' series (cost/replicas.py)
+        body += replicas.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from ondemand import protocol, segments
 from ondemand.audio import Limits
+from ondemand.cluster import api as cluster_api
 from ondemand.config import Config
 from ondemand.daemon import auth
 from ondemand.daemon.destinations import check_callback
@@ -303,6 +304,7 @@ async def status(request: web.Request) -> web.Response:
         "idle": {"unload_after_s": cfg.worker.unload_after_s,
                  "exit_after_s": cfg.worker.exit_after_s, "standby": cfg.worker.standby,
                  "yield_gpu": cfg.worker.yield_gpu},
+        "cluster": cluster_api.status(app),
     })
 
 
@@ -330,7 +332,7 @@ async def worker_load(request: web.Request) -> web.Response:
     wait = body.get("wait", True)
     wait = _flag(wait, "wait") if isinstance(wait, str) else bool(wait)
     sup = request.app[SUPERVISOR]
-    await sup.load("manual", hold_s=hold_s, wait=wait)
+    await cluster_api.hold(request.app, "manual", hold_s, wait=wait)  # worker or replicas
     return json_response(sup.status().to_json(), status=200 if wait else 202)
 
 
@@ -339,7 +341,7 @@ async def worker_unload(request: web.Request) -> web.Response:
     exit_ = body.get("exit", False)
     exit_ = _flag(exit_, "exit") if isinstance(exit_, str) else bool(exit_)
     sup = request.app[SUPERVISOR]
-    await sup.unload("manual", exit=exit_)
+    await cluster_api.release(request.app, "manual", exit=exit_)  # worker or replicas
     return json_response(sup.status().to_json(), status=202)
 
 
@@ -361,7 +363,8 @@ async def readyz(request: web.Request) -> web.Response:
             {"ready": False, "reason": f"job database failing: {app[STORE].error}"},
             status=503, headers={"Retry-After": "5"})
     # Results waiting in memory for storage; a hung or stuck worker (issue 10: both said ready).
-    busy = app[DISPATCHER].blocked or app[SUPERVISOR].unready_reason()
+    busy = (app[DISPATCHER].blocked or app[SUPERVISOR].unready_reason()
+            or cluster_api.unready_reason(app))
     if busy is not None:
         return json_response({"ready": False, "reason": busy}, status=503,
                              headers={"Retry-After": "5"})

@@ -7,7 +7,10 @@ list `components` in `build_app`; shutdown runs it in reverse (aiohttp cleanup_c
    shutdown's state changes are still recorded;
 2. store: opens SQLite and recovers interrupted jobs;
 3. supervisor: owns the worker; on the way down stops it (ask, wait, SIGKILL, reap);
-4. dispatcher: on the way down lets its batch finish (bounded by server.stop_timeout_s);
+3b. cluster (cluster/api.py): with cluster.backend = "ray", the Ray cluster's agent, replicas
+   and holds; nothing at all with "local";
+4. dispatcher (cluster/dispatch.py's RayDispatcher with "ray"): on the way down lets its batches
+   finish (bounded by server.stop_timeout_s);
 5. webhooks (daemon/webhooks.py): the callback delivery task; stops before the store closes
    and after the dispatcher's last outcomes (an attempt cut short runs again after a restart);
 6. purge timer;
@@ -27,21 +30,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from ondemand.cluster import api as cluster_api
 from ondemand.config import Config
 from ondemand.console import routes as console
 from ondemand.cost import api as cost_api
 from ondemand.daemon import api, auth, events_api, jobs_api, listen, openapi, webhooks
 from ondemand.daemon import lock as storage_lock
 from ondemand.daemon.auth import check_bind
-from ondemand.daemon.dispatcher import Dispatcher
 from ondemand.daemon.events import EventBus
 from ondemand.daemon.guard import TaskGuard
 from ondemand.daemon.http import error_middleware, make_runner
@@ -62,8 +67,10 @@ def build_app(
     *,
     spawn: Spawn | None = None,
     gpu: GpuProbe | None = None,
+    cluster: dict[str, Any] | None = None,
 ) -> web.Application:
-    """The daemon's app.  `spawn` and `gpu` are the injected boundaries (tests: fake worker)."""
+    """The daemon's app.  `spawn` and `gpu` are the injected boundaries (tests: fake worker);
+    `cluster` the cluster component's (cluster_api.context's keyword arguments)."""
     app = web.Application(
         middlewares=[error_middleware, auth.middleware(cfg)],
         client_max_size=int(cfg.server.max_upload_mb * 1024 * 1024) + 1024 * 1024,
@@ -87,7 +94,10 @@ def build_app(
 
     async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
         probe = app[cost_api.GPU]  # opened (and closed) by cost_api's context, shared
-        sup = Supervisor(cfg.worker, cfg.model, bus, spawn=spawn, gpu=probe)
+        worker = cfg.worker
+        if cfg.cluster.backend != "local":  # Ray's replicas run the batches: no local standby
+            worker = dataclasses.replace(worker, standby=False)
+        sup = Supervisor(worker, cfg.model, bus, spawn=spawn, gpu=probe)
         sup.start()
         app[api.SUPERVISOR] = sup
         with guard.watching(sup.task):
@@ -95,9 +105,7 @@ def build_app(
         await sup.close()
 
     async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
-        disp = Dispatcher(app[api.STORE], app[api.SUPERVISOR], bus, cfg.queue, cfg.worker,
-                          stop_timeout_s=cfg.server.stop_timeout_s, storage_cfg=cfg.storage,
-                          segments_cfg=cfg.segments)
+        disp = cluster_api.dispatcher(app, cfg)
         disp.start()
         app[api.DISPATCHER] = disp
         with guard.watching(disp.task):
@@ -117,6 +125,7 @@ def build_app(
         cost_api.context(cfg, gpu=gpu),
         store_ctx,
         supervisor_ctx,
+        cluster_api.context(cfg, **(cluster or {})),
         dispatcher_ctx,
         webhooks.context(cfg),
         purge_ctx,

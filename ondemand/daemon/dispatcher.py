@@ -42,7 +42,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ondemand import batching, protocol, segments
 from ondemand.audio import SAMPLE_RATE
@@ -68,6 +68,12 @@ SCAN_LIMIT = 512  # queued jobs looked at when forming a batch
 EWMA = 0.2  # weight of the newest batch in the per-job compute estimate
 # What a failing storage.dir raises through the store: retried, never fatal to the task.
 STORAGE_ERRORS = (StorageUnavailable, sqlite3.OperationalError, OSError)
+
+
+class Runner(Protocol):
+    """What runs one batch: a supervisor `Lease` (local), or cluster/dispatch.py's HTTP lease."""
+
+    async def infer(self, op: protocol.Infer, *, audio_s: float = 0.0) -> protocol.Result: ...
 
 
 class _Abandoned(Exception):
@@ -114,7 +120,7 @@ class Dispatcher:
         self._stop_event = asyncio.Event()  # ends backoff sleeps at shutdown (not submissions)
         self.blocked: str | None = None  # why outcomes wait in memory (storage failing), or None
         self._task: asyncio.Task[None] | None = None
-        self._running: list[Job] = []  # the batch in flight (requeued on shutdown)
+        self._running: list[Job] = []  # the jobs of the batches in flight (requeued on shutdown)
         self._suspects: set[str] = set()  # jobs of a crashed batch: retried alone
         self._batch_ids = itertools.count(1)
         self._stopping = False
@@ -289,14 +295,16 @@ class Dispatcher:
             if j.granularity == first.granularity and j.id not in self._suspects
             and (j.segments is None) == (first.segments is None)
         ]
-        budget = self.worker_cfg.batch_audio_s or batching.default_budget_s(
-            self.sup.device.split(":")[0]
-        )
+        budget = self.worker_cfg.batch_audio_s or batching.default_budget_s(self._device_type())
         lengths = [round(self._plan_s(j) * SAMPLE_RATE) for j in same]
         for planned in batching.plan_batches(lengths, int(budget * SAMPLE_RATE)):
             if 0 in planned:  # the oldest job's batch
                 return [same[i] for i in sorted(planned)]
         return [first]
+
+    def _device_type(self) -> str:
+        """cpu / cuda: what the batches run on (the default batch budget follows it)."""
+        return self.sup.device.split(":")[0]
 
     def _plan_s(self, job: Job) -> float:
         spec = self._segmenting(job)
@@ -324,19 +332,23 @@ class Dispatcher:
             j.attempts += 1
             j.started = started
         self.bus.publish(JobsStarted(jobs=tuple(j.id for j in batch)))
-        self._running = batch  # left set when cancelled: close() requeues it
+        self._running.extend(batch)  # left there when cancelled: close() requeues them
         try:
             await self._infer(lease, batch, cold_s)
         except WorkerCrashed as e:
-            self._running = []
+            self._forget_running(batch)
             await self._crashed(batch, e)
             raise
         finally:
             for j in batch:
                 self.progress.pop(j.id, None)
-        self._running = []
+        self._forget_running(batch)
 
-    async def _infer(self, lease: Lease, batch: list[Job], cold_s: float) -> None:
+    def _forget_running(self, batch: list[Job]) -> None:
+        done = {j.id for j in batch}
+        self._running = [j for j in self._running if j.id not in done]
+
+    async def _infer(self, lease: Runner, batch: list[Job], cold_s: float) -> None:
         try:
             granularity = protocol.as_granularity(batch[0].granularity)
         except ProtocolError as e:  # a damaged row must fail its jobs, not this task

@@ -2,9 +2,18 @@
 
 Built from the code's own tables, so it cannot drift from them: the error codes and their
 statuses from errors.py, each route's scope from auth.ROUTE_SCOPES, the worker states from
-worker_status.WorkerState.  tests/test_openapi.py holds the rest: the paths and methods here are
-exactly the routes the app serves (a new route fails it until it is described here), the
-document is valid OpenAPI 3.1, and real answers of a running daemon validate against its schemas.
+worker_status.WorkerState, exit kinds from process.ExitKind, the console's media types from
+console/routes.py.  tests/test_openapi.py holds the rest: the paths and methods here are exactly
+the routes the app serves (a new route fails it until it is described here), the document is
+valid OpenAPI 3.1, and real answers of a running daemon validate against its schemas, the event
+stream's frames included.
+
+`GET /v1/events` is `text/event-stream`: OpenAPI 3.1 has no schema for a stream's items, so each
+event's data object is a component (`Event<Name>`, listed in `EVENTS` with whether it carries an
+id), `ServerEvent` is one parsed frame `{event, id?, data}`, and the media type points at it as
+`x-item-schema` (what OpenAPI 3.2 calls `itemSchema`).  Data objects are closed
+(`additionalProperties: false`): a field added to an event fails the stream test until it is
+described here.
 
 To describe a new route: add its operation to `PATHS` (`_op(...)`, with its parameters, its
 answers and the error codes it can give), and its scope to auth.ROUTE_SCOPES.
@@ -19,8 +28,10 @@ from typing import Any
 from aiohttp import web
 
 from ondemand import __version__, errors
-from ondemand.daemon import auth
+from ondemand.console import routes as console
+from ondemand.daemon import auth, events_api
 from ondemand.daemon.http import json_response
+from ondemand.daemon.process import ExitKind
 from ondemand.daemon.worker_status import WorkerState
 
 Schema = dict[str, Any]
@@ -51,7 +62,12 @@ NUM, INT, STR, BOOL = ({"type": "number"}, {"type": "integer"}, {"type": "string
                        {"type": "boolean"})
 NUM_OR_NULL, INT_OR_NULL, STR_OR_NULL = (_nullable(NUM), _nullable(INT), _nullable(STR))
 JOB_STATUSES = ["queued", "running", "done", "failed", "cancelled"]
+FINAL_STATUSES = JOB_STATUSES[2:]
 CALLBACK_STATES = ["waiting", "pending", "delivered", "failed"]
+TOP = _obj({"label": STR, "score": NUM}, closed=True)
+TIME = {**NUM, "description": "The server's wall clock (Unix seconds) at the change."}
+EVENT_ID = {"type": "string", "pattern": "^[0-9]+$",
+            "description": "Increases by one per event; starts at the daemon's start time in ms."}
 
 
 def http_codes() -> dict[str, int]:
@@ -143,7 +159,13 @@ def _schemas() -> dict[str, Schema]:
         "Status": _obj({"worker": _ref("WorkerStatus"),
                         "queue": _obj({"queued": INT, "running": INT, "max_pending": INT}),
                         "idle": _obj({"unload_after_s": NUM, "exit_after_s": NUM},
-                                     {"standby": BOOL, "yield_gpu": BOOL})}),
+                                     {"standby": BOOL, "yield_gpu": BOOL}),
+                        "cluster": _obj(
+                            {"backend": {"type": "string", "enum": ["local", "ray"]},
+                             "replicas": {"type": "array", "items": _obj(
+                                 {"id": STR, "state": STR, "pid": INT_OR_NULL})}},
+                            description="The backend and its live replicas (the local "
+                                        "worker process, or Ray Serve's: docs/cluster.md).")}),
         "Prewarm": _obj({"rules": {"type": "array", "items": {"type": "object"}},
                          "lead": {"type": "object"}, "holds": {"type": "array"},
                          "worker": {"type": "object"}, "timezone": STR},
@@ -161,7 +183,96 @@ def _schemas() -> dict[str, Schema]:
         "Ready": _obj({"ready": {"const": True}, "worker": STR}),
         "NotReady": _obj({"ready": {"const": False}, "reason": STR}),
         "Health": _obj({"ok": {"const": True}}, closed=True),
+        "JobSummary": _obj(
+            {"id": STR, "key": STR, "status": {"type": "string", "enum": JOB_STATUSES},
+             "granularity": {"type": "string", "enum": ["utterance", "frame"]},
+             "embedding": BOOL, "duration_s": NUM, "created": NUM, "started": NUM_OR_NULL,
+             "finished": NUM_OR_NULL, "attempts": INT,
+             "top": {**_nullable(TOP), "description": "The result's top label once done."},
+             "error": _nullable(_ref("ErrorInfo")),
+             "timings": _obj({"queue_s": NUM_OR_NULL, "cold_start_s": NUM_OR_NULL,
+                              "compute_s": NUM_OR_NULL}, closed=True),
+             "position": {**INT_OR_NULL, "description": "Queued or running: pending jobs "
+                                                       "accepted before it; else null."},
+             "eta_s": {**NUM_OR_NULL, "description": "Queued: the estimate POST /v1/jobs "
+                                                     "gives; else null."}},
+            closed=True, description="A job without its full result (GET /v1/jobs/{id})."),
+        "JobList": _obj({"jobs": {"type": "array", "items": _ref("JobSummary")},
+                         "next": {**STR_OR_NULL, "description": "Pass as `before` for the "
+                                                                "next page; null on the last."}},
+                        closed=True),
+        **_event_schemas(),
     }
+
+
+# -- GET /v1/events: each event's name, whether it carries an id, and its data ----------------
+def _job_event(status: Schema, fields: dict[str, Schema], title: str) -> Schema:
+    out = _obj({"job": STR, "status": status, **fields, "time": TIME}, closed=True)
+    out["title"] = title
+    return out
+
+
+EVENTS: dict[str, tuple[bool, str, Schema]] = {
+    "hello": (False, "First on every connection: the newest id so far, the heartbeat period.",
+              _obj({"last_id": INT, "heartbeat_s": NUM}, closed=True)),
+    "reset": (False, "The Last-Event-ID is no longer in the buffer (or is not an id): "
+                     "re-read the state (GET /v1/status, GET /v1/jobs).",
+              _obj({"reason": STR}, closed=True)),
+    "worker": (False, "The supervisor snapshot (GET /v1/status's `worker`): at every "
+                      "(re)connect and after worker events, coalesced.",
+               _obj({"worker": _ref("WorkerStatus"), "time": NUM}, closed=True)),
+    "queue": (False, "Queue counts: at every (re)connect and after job events, coalesced.",
+              _obj({"queued": INT, "running": INT, "max_pending": INT}, closed=True)),
+    "state": (True, "The worker moved (docs/design.md lists states and triggers).",
+              _obj({"old": {"type": "string", "enum": [s.value for s in WorkerState]},
+                    "new": {"type": "string", "enum": [s.value for s in WorkerState]},
+                    "reason": STR, "trigger": STR, "pid": INT_OR_NULL, "device": STR,
+                    "time": TIME}, closed=True)),
+    "loaded": (True, "A load finished: seconds from the request, per-phase timings.",
+               _obj({"seconds": NUM, "trigger": STR, "pid": INT_OR_NULL, "device": STR,
+                     "fresh_process": BOOL,
+                     "kind": {"type": "string", "enum": ["spawn", "reload", "activate"]},
+                     "timings": {"type": "object", "additionalProperties": NUM},
+                     "time": TIME}, closed=True)),
+    "exited": (True, "A worker process ended, and why (`kind`).",
+               _obj({"pid": INT, "returncode": INT_OR_NULL,
+                     "kind": {"type": "string", "enum": [k.value for k in ExitKind]},
+                     "detail": STR, "time": TIME}, closed=True)),
+    "activity": (True, "Work or a hold started or ended (in flight 0 -> 1+ or back; "
+                       "hold_s 0: no hold).",
+                 _obj({"inflight": INT, "hold_s": NUM, "hold_trigger": STR, "time": TIME},
+                      closed=True)),
+    "job": (True, "A job moved: queued (with `position`, pending jobs ahead), running (a "
+                  "segmented recording repeats it with `done_s` of `total_s`), then final "
+                  "(with `queue_s`, `compute_s`, `attempts`).",
+            {"oneOf": [
+                _job_event({"const": "queued"}, {"position": INT}, "queued"),
+                _job_event({"const": "running"}, {}, "running"),
+                _job_event({"const": "running"}, {"done_s": NUM, "total_s": NUM}, "progress"),
+                _job_event({"type": "string", "enum": FINAL_STATUSES},
+                           {"queue_s": NUM_OR_NULL, "compute_s": NUM_OR_NULL, "attempts": INT},
+                           "final")]}),
+}
+
+
+def event_schema_name(event: str) -> str:
+    return "Event" + event.capitalize()
+
+
+def _event_schemas() -> dict[str, Schema]:
+    """Each event's data object (`Event<Name>`), and `ServerEvent`: one parsed frame
+    `{event, id?, data}` (id present exactly on history events)."""
+    out: dict[str, Schema] = {}
+    frames = []
+    for name, (has_id, description, data) in EVENTS.items():
+        out[event_schema_name(name)] = {**data, "description": description}
+        fields = {"event": {"const": name}, **({"id": EVENT_ID} if has_id else {}),
+                  "data": _ref(event_schema_name(name))}
+        frames.append(_obj(fields, closed=True))
+    out["ServerEvent"] = {"oneOf": frames, "description": "One event of GET /v1/events as a "
+                          "client parses it: its name, its id (history events only) and its "
+                          "data (JSON)."}
+    return out
 
 
 # -- operations --------------------------------------------------------------------------------
@@ -262,6 +373,23 @@ def _operation_id(method: str, path: str) -> str:
     return method.lower() + "_" + "_".join(words).replace("-", "_")
 
 
+STATUS_LIST = "^(" + "|".join(JOB_STATUSES) + ")(,(" + "|".join(JOB_STATUSES) + "))*$"
+EVENTS_TEXT = "\n".join(
+    [f"Frames `[id: N]`, `event: NAME`, `data: JSON`, a blank line; "
+     f"`retry: {events_api.RETRY_MS}` first; a `: ping` comment after "
+     "console.events_heartbeat_s without an event. Events (the `Event<Name>` schemas hold "
+     "each data object, `ServerEvent` a parsed frame):", ""]
+    + [f"- `{name}`{' (id)' if has_id else ''}: {text}"
+       for name, (has_id, text, _) in EVENTS.items()])
+STATIC_TYPES = sorted({t.split(";")[0] for t in console.TYPES.values()})
+CONSOLE_HEADERS = {name: {"schema": STR, "description": text} for name, text in (
+    ("ETag", "The file's hash."),
+    ("Cache-Control", "`no-cache` for the page (and an older version's files), a year and "
+                      "`immutable` for the current version's files."),
+    ("Content-Security-Policy", "No inline script or style, no other host."))}
+IF_NONE_MATCH = _param("If-None-Match", "header", STR, "An ETag seen before: 304 if unchanged.")
+
+
 def _paths() -> dict[str, dict[str, Schema]]:
     job = _json(_ref("Job"), "The job document.")
     worker_body = {"content": {JSON: {"schema": _obj({}, {"hold_s": NUM, "wait": BOOL})}}}
@@ -298,7 +426,7 @@ def _paths() -> dict[str, dict[str, Schema]]:
             {"200": _json(_ref("WorkerStatus"), "Loaded."),
              "202": _json(_ref("WorkerStatus"), "Loading (wait=false).")},
             "bad_request", "request_timeout", "shutting_down", "worker_unavailable",
-            "load_failed", parameters=[
+            "load_failed", "cluster_unavailable", parameters=[
                 _param("hold_s", "query", {"type": "number", "minimum": 0},
                        "Keep it loaded at least this long."),
                 _param("wait", "query", {"type": "string", "enum": ["true", "false"]},
@@ -329,23 +457,42 @@ def _paths() -> dict[str, dict[str, Schema]]:
         "/v1/jobs": {
             "post": post_jobs,
             "get": _op("get", "/v1/jobs", "Recent jobs, newest first (a jobs token: its own)", {
-                "200": _json(_obj({"jobs": {"type": "array", "items": {"type": "object"}},
-                                   "next": STR_OR_NULL}), "A page of job summaries.")},
+                "200": _json(_ref("JobList"), "A page of job summaries.")},
                 "bad_request", *STORE_ERRORS, parameters=[
-                    _param("limit", "query", STR, "Jobs per page."),
-                    _param("status", "query", STR, "Comma-separated statuses to list."),
-                    _param("before", "query", STR, "The `next` of the previous page.")])},
-        "/v1/events": {"get": _op("get", "/v1/events", "Server-sent events: job and worker "
-                                  "progress (the console's feed)", {"200": {
-                                      "description": "text/event-stream",
-                                      "content": {"text/event-stream": {"schema": STR}}}})},
-        "/": {"get": _op("get", "/", "The web console (no data in it; no token)", {"200": {
-            "description": "HTML", "content": {"text/html": {"schema": STR}}}})},
+                    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500,
+                                              "default": 50}, "Jobs per page."),
+                    _param("status", "query", {"type": "string", "pattern": STATUS_LIST},
+                           "Only these statuses, comma-separated (default: all)."),
+                    _param("before", "query", STR, "The `next` of the previous page: jobs "
+                                                   "accepted before that job.")])},
+        "/v1/events": {"get": _op(
+            "get", "/v1/events", "Server-Sent Events: the worker's life, job progress (the "
+            "console's feed; not activity)", {"200": {
+                "description": "A stream that does not end until the daemon stops (or the "
+                               "client falls console.events_buffer events behind).",
+                "content": {"text/event-stream": {
+                    "schema": {**STR, "description": EVENTS_TEXT},
+                    "x-item-schema": _ref("ServerEvent")}}}},
+            "shutting_down", parameters=[_param(
+                "Last-Event-ID", "header", EVENT_ID, "Resume: the events after this id are "
+                "replayed; an id no longer in the buffer gives `reset`.")])},
+        "/": {"get": _op("get", "/", "The web console (no data in it; no token)", {
+            "200": {"description": "The page.", "headers": CONSOLE_HEADERS,
+                    "content": {"text/html": {"schema": STR}}},
+            "304": {"description": "Not modified (If-None-Match).", "headers": CONSOLE_HEADERS}},
+            parameters=[IF_NONE_MATCH])},
         "/console/{version}/{path}": {"get": _op(
-            "get", "/console/{version}/{path}", "The console's static files", {
-                "200": {"description": "A static file.", "content": {"*/*": {"schema": STR}}}},
-            "not_found", parameters=[_param("version", "path", STR, "The console's build."),
-                                     _param("path", "path", STR, "The file.")])},
+            "get", "/console/{version}/{path}", "The console's static files (no token)", {
+                "200": {"description": "A file of the page; immutable under the current "
+                                       "version, revalidated under another.",
+                        "headers": CONSOLE_HEADERS,
+                        "content": {media: {"schema": STR} for media in STATIC_TYPES}},
+                "304": {"description": "Not modified (If-None-Match).",
+                        "headers": CONSOLE_HEADERS}},
+            "not_found", parameters=[
+                _param("version", "path", STR, "The console's build (a hash of its files)."),
+                _param("path", "path", STR, "The file, e.g. app.js, vendor/x.min.css."),
+                IF_NONE_MATCH])},
         "/v1/openapi.json": {"get": _op("get", "/v1/openapi.json", "This document",
                                         {"200": _json({"type": "object"}, "OpenAPI 3.1.")})},
     }

@@ -25,6 +25,7 @@ from ondemand.daemon import api
 from ondemand.daemon.events import JobFinished, StateChanged
 from ondemand.daemon.sdnotify import Notifier
 from ondemand.daemon.worker_status import WorkerState, WorkerStatus
+from ondemand.errors import OndemandError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ServiceNotifier:
         wd = notifier.watchdog_s
         self.period_s = min(REFRESH_S, wd / 2) if wd else REFRESH_S
         self.last_status = ""
+        self._store_failing = False
 
     def start(self) -> None:
         if self.notifier.enabled:
@@ -92,6 +94,12 @@ class ServiceNotifier:
             log.warning("watchdog: the job store did not answer within %.1fs; no ping",
                         self.period_s)
             return False
+        except OndemandError as e:  # the job database failing (storage_unavailable): no ping,
+            if not self._store_failing:  # so systemd restarts us; one line per failing streak
+                log.warning("watchdog: no ping while the job store fails (%s)", e.message)
+            self._store_failing = True
+            return False
+        self._store_failing = False
         text = status_text(app[api.SUPERVISOR].status(), counts,
                            draining=app[api.DRAINING].is_set())
         if text != self.last_status:

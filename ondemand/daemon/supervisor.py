@@ -41,10 +41,11 @@ Liveness of a busy worker (issue 10: a SIGSTOPped worker held a batch for minute
 /readyz said ready and nothing was logged).  While a batch is in flight two timers run: HEARTBEAT
 (re-armed by every `heartbeat` the worker sends from its own thread; silent for
 `heartbeat_timeout_s` = hung) and BATCH_DEADLINE (max(batch_deadline_min_s, factor x the
-batch's audio seconds / the slowest recent speed) = stuck).  Either SIGKILLs the worker (a
-stopped process cannot handle SIGTERM), so its batch fails as a crash (the dispatcher retries
-it, attempts counted) and the next lease starts a fresh worker.  `status().stalled_s` shows
-missed beats while they last; `unready_reason()` turns /readyz 503.
+batch's audio seconds / the slowest recent speed) = stuck); HEARTBEAT also bounds the wait for
+`unloaded`.  Either SIGKILLs the worker (a stopped process cannot handle SIGTERM), so its batch
+fails as a crash (the dispatcher retries it, attempts counted) and the next lease starts a fresh
+worker.  `status().stalled_s` shows missed beats while they last; `unready_reason()` turns
+/readyz 503.
 """
 
 from __future__ import annotations
@@ -200,6 +201,10 @@ class _Shutdown:
 @dataclass
 class _Standby:
     """Prepare a standby process if the worker is cold and nothing waits."""
+
+
+def _what(batch: _Batch) -> str:
+    return f"batch {batch.op.batch} ({len(batch.op.items)} jobs, {batch.audio_s:.1f}s of audio)"
 
 
 class Lease:
@@ -509,16 +514,20 @@ class Supervisor:
                 self._poll_release()
             case TimerKind.HEARTBEAT if self._batches:
                 silent = self._clock() - self._last_beat
-                self._kill_stuck(ExitKind.HUNG, next(iter(self._batches.values())),
+                self._kill_stuck(ExitKind.HUNG, _what(next(iter(self._batches.values()))),
                                  f"no heartbeat for {silent:.1f}s (worker.heartbeat_timeout_s="
                                  f"{self.cfg.heartbeat_timeout_s:g})")
+            case TimerKind.HEARTBEAT if self.state is S.UNLOADING:
+                self._kill_stuck(ExitKind.HUNG, "unload",
+                                 f"no answer for {self.cfg.heartbeat_timeout_s:g}s "
+                                 "(worker.heartbeat_timeout_s)")
             case TimerKind.BATCH_DEADLINE if self._batches:
                 now = self._clock()
                 late = min(self._batches.values(), key=lambda b: b.deadline)
                 if late.deadline > now + 1e-3:
                     self._arm_liveness()  # a batch ended meanwhile
                     return
-                self._kill_stuck(ExitKind.BATCH_TIMEOUT, late,
+                self._kill_stuck(ExitKind.BATCH_TIMEOUT, _what(late),
                                  f"ran {now - late.sent:.1f}s, past its deadline of "
                                  f"{late.deadline - late.sent:.1f}s ({late.audio_s:.1f}s of "
                                  "audio; worker.batch_deadline_*)")
@@ -654,15 +663,14 @@ class Supervisor:
         self._timers.arm(TimerKind.BATCH_DEADLINE,
                          min(b.deadline for b in self._batches.values()) - now)
 
-    def _kill_stuck(self, kind: ExitKind, batch: _Batch, why: str) -> None:
+    def _kill_stuck(self, kind: ExitKind, what: str, why: str) -> None:
         """SIGKILL a hung or stuck worker; its exit fails the batch as a crash (retried)."""
         proc = self._proc
         self._timers.cancel(TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
         if proc is None:
             return
-        log.warning("worker pid=%d %s: batch %s (%d jobs, %.1fs of audio) %s; SIGKILL, its jobs "
-                    "are retried", proc.pid, kind, batch.op.batch, len(batch.op.items),
-                    batch.audio_s, why)
+        log.warning("worker pid=%d %s: %s %s; SIGKILL%s", proc.pid, kind, what, why,
+                    ", its jobs are retried" if self._batches else "")
         proc.kill(kind, why)
         if self.state is not S.STOPPING:
             self._set_state(S.STOPPING, kind)
@@ -688,6 +696,7 @@ class Supervisor:
                 self._load_failed(code, message)
                 await self._stop(force=False, reason=ExitKind.LOAD_FAILED)
             case protocol.Unloaded() if self.state is S.UNLOADING:
+                self._timers.cancel(TimerKind.HEARTBEAT)
                 self._set_state(S.UNLOADED, self._unload_reason)
                 if self._waiters:
                     await self._begin_load(self._waiters[0].trigger)
@@ -956,6 +965,9 @@ class Supervisor:
         assert self._proc is not None
         self._unload_reason = "idle_unload" if trigger == "idle" else "unload"
         self._set_state(S.UNLOADING, self._unload_reason, trigger)
+        # The same liveness rule as a batch: a worker that does not answer is hung (without it a
+        # stopped worker left the daemon `unloading`, and every job waiting, forever).
+        self._timers.arm(TimerKind.HEARTBEAT, self.cfg.heartbeat_timeout_s)
         await self._proc.send(protocol.Unload())
 
     async def _stop(self, *, force: bool, reason: str, trigger: str | None = None) -> None:

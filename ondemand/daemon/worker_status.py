@@ -152,7 +152,3 @@ class WorkerStatus:
         doc["standby"] = self.standby.to_json() if self.standby else None
         doc["yielded"] = self.yielded.to_json() if self.yielded else None
         return doc
-
-    def __getitem__(self, key: str) -> Any:
-        """Transitional: tests still read `sup.status()["pid"]`.  New code uses attributes."""
-        return self.to_json()[key]

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ondemand.cluster import api as cluster_api
 from ondemand.config import Config
 from ondemand.cost.ledger import LEDGER_FILE, Phase, connect, read_intervals
 from ondemand.daemon import api
@@ -61,13 +62,13 @@ def context(cfg: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     """The prewarm scheduler as a cleanup context (needs the supervisor and the bus)."""
 
     async def prewarm_ctx(app: web.Application) -> AsyncIterator[None]:
-        sup, bus = app[api.SUPERVISOR], app[api.BUS]
+        bus = app[api.BUS]
         clock = app.get(CLOCK, utc_now)
 
         async def start_hold(until: datetime, trigger: str, name: str) -> None:
             hold_s = (until - clock()).total_seconds()
-            if hold_s > 0:
-                await sup.load(f"{trigger}:{name}", hold_s=hold_s, wait=True)
+            if hold_s > 0:  # the local worker, or cluster.hold_replicas replicas (ray)
+                await cluster_api.hold(app, f"{trigger}:{name}", hold_s, wait=True)
 
         try:
             loads = await asyncio.to_thread(recent_loads, Path(cfg.storage.dir),
@@ -97,15 +98,18 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/prewarm", get_prewarm)
 
 
-def holds(worker: WorkerStatus, now: datetime, sched: PrewarmScheduler) -> list[dict[str, Any]]:
+def holds(worker: WorkerStatus, now: datetime, sched: PrewarmScheduler,
+          hold: tuple[float | None, str | None] | None = None) -> list[dict[str, Any]]:
     """The supervisor's active hold (overlapping holds are merged there into one, owned by the
-    trigger whose hold ends last), with its end."""
+    trigger whose hold ends last), with its end; `hold`: the cluster's instead (ray)."""
     left = worker.hold_s
+    if hold is not None:
+        left, trigger = hold
     if not left:
         return []
     end = now + timedelta(seconds=left)
     return [{
-        "trigger": worker.hold_trigger,
+        "trigger": worker.hold_trigger if hold is None else trigger,
         "remaining_s": round(left, 3),
         "until": {"local": end.astimezone(sched.local_tz).isoformat(), "utc": end.isoformat()},
     }]
@@ -119,7 +123,7 @@ async def get_prewarm(request: web.Request) -> web.Response:
     doc = sched.snapshot()
     now = sched.now()
     doc["timezone"] = zone_name(sched.local_tz)
-    doc["holds"] = holds(worker, now, sched)
+    doc["holds"] = holds(worker, now, sched, cluster_api.hold_status(request.app))
     doc["worker"] = {"state": worker.state.value, "trigger": worker.trigger,
                      "warm_because": worker.warm_because}
     return json_response(doc)

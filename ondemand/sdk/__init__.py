@@ -8,7 +8,9 @@
 `Client` (sync, stdlib only) and `AsyncClient` (aiohttp) cover the whole API v1 with typed
 results (`ondemand.sdk.models`); error answers raise the classes of `ondemand.errors`
 (`NotFound`, `QueueFull`, `TooManyRequests`, ...; a code this version does not know:
-`RemoteError`), no answer `DaemonUnreachable`.  `verify_webhook` checks a callback's signature.
+`RemoteError`), no answer `DaemonUnreachable`.  `wait` follows the event stream
+(`event_stream`, with `on_update` for progress) or long-polls (`long_poll`); `events()` opens
+the stream itself.  `verify_webhook` checks a callback's signature.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ondemand.sdk.models import (
     CostReport,
     ErrorInfo,
     Job,
+    JobUpdate,
     Prediction,
     Readiness,
     Removed,
@@ -29,7 +32,8 @@ from ondemand.sdk.models import (
     TokenUsage,
     WorkerStatus,
 )
-from ondemand.sdk.sync import URL_ENV, Client, Transport, long_poll
+from ondemand.sdk.sse import ServerEvent
+from ondemand.sdk.sync import URL_ENV, Client, EventStream, Transport, event_stream, long_poll
 from ondemand.sdk.webhooks import InvalidSignature, verify_webhook
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "URL_ENV", "Accepted", "AsyncClient", "Callback", "Client", "CostReport", "ErrorInfo",
-    "InvalidSignature", "Job", "Prediction", "Readiness", "Removed", "Status", "Timings",
-    "TokenUsage", "Transport", "WorkerStatus", "long_poll", "verify_webhook",
+    "EventStream", "InvalidSignature", "Job", "JobUpdate", "Prediction", "Readiness", "Removed",
+    "ServerEvent", "Status", "Timings", "TokenUsage", "Transport", "WorkerStatus",
+    "event_stream", "long_poll", "verify_webhook",
 ]

@@ -73,6 +73,19 @@ def job(job_id: str, wait_s: float) -> Call:
     return Call("GET", f"/v1/jobs/{job_id}", query, extra_timeout_s=max(0.0, wait_s))
 
 
+EVENTS = "/v1/events"
+
+
+def events_headers(token: str, last_event_id: str | None) -> dict[str, str]:
+    """The request headers of `GET /v1/events` (resumed after `last_event_id`)."""
+    headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    return headers
+
+
 def json_body(method: str, path: str, body: dict[str, Any], timeout_s: float | None = None
               ) -> Call:
     return Call(method, path, body=json.dumps(body).encode(), content_type="application/json",

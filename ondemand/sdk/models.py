@@ -111,6 +111,32 @@ class Job:
 
 
 @dataclass(frozen=True)
+class JobUpdate:
+    """A `job` event of `GET /v1/events` (docs/console.md), as an event-stream waiter's
+    `on_update` gets it for the job it waits on: `queued` (with `position`, jobs ahead), `running`
+    (a segmented recording repeats it with `done_s` of `total_s` classified), then the final
+    status.  `time`: the server's clock (Unix seconds) at the change."""
+
+    job: str
+    status: str
+    time: float
+    position: int | None = None
+    done_s: float | None = None
+    total_s: float | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> JobUpdate:
+        return cls(job=d["job"], status=d["status"], time=float(d["time"]),
+                   position=d.get("position"), done_s=d.get("done_s"),
+                   total_s=d.get("total_s"), raw=d)
+
+
+@dataclass(frozen=True)
 class Accepted:
     """202 from POST /v1/jobs: queued, with the jobs ahead of it and a rough ETA."""
 
