@@ -34,7 +34,7 @@ def test_the_gpu_check_runs_on_cpu_and_writes_one_json_and_one_table(tmp_path: P
     assert lad["standby"]["cuda_initialized"] is False
     assert lad["loads"]["standby"][0]["kind"] == "activate"
     assert lad["loads"]["cold"][0]["kind"] == "spawn"
-    assert res["yield_fake"]["decision"]["max_ms"] < 2000  # poll 0.5 s plus handling
+    assert res["yield_fake"]["poll_0.5s"]["decision"]["max_ms"] < 2000  # poll 0.5 s + handling
     assert res["yield_gpu"] == {"skipped": "needs a GPU"}
     assert res["compile"] == {"skipped": "needs a GPU"}
     md = (tmp_path / "gpu_check.md").read_text()

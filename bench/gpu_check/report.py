@@ -103,6 +103,7 @@ def markdown(res: dict[str, Any]) -> str:
             out += [why, ""]
             continue
         out += [f"- {k}: {v}" for k, v in sec.items() if k != "section_s"] + [""]
+        # (yield_fake holds one such block per poll period: printed as nested dicts)
     comp = res.get("compile")
     out.append("## torch.compile / CUDA graphs on bucketed lengths")
     if (why := _problem(comp)) is not None:

@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             model, args.device, "float32" if not gpu else "bfloat16", probe, samples=samples,
             clip_s=1.0 if quick else 5.0, warm_runs=1 if quick else 5,
             settle_s=0.0 if quick or not gpu else 2.0, left=left))),
-        "yield_fake": (15.0, lambda: asyncio.run(yield_part.fake_latency(
-            model, trials=3 if quick else 20, poll_s=0.5, left=left))),
+        "yield_fake": (15.0, lambda: {f"poll_{poll:g}s": asyncio.run(yield_part.fake_latency(
+            model, trials=3 if quick else 20, poll_s=poll, left=left))
+            for poll in ((0.5,) if quick else (0.5, 0.05))}),
         "yield_gpu": (45.0, lambda: asyncio.run(yield_part.real_gpu(
             model, args.device, "bfloat16", probe, left=left))),
         "compile": (60.0, lambda: engine_part.compile_part(
