@@ -67,7 +67,7 @@ HUNG = re.compile(r"worker pid=(\d+) hung: batch (\S+) .* no heartbeat for ([\d.
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "server": {"stop_timeout_s": 10.0, "max_wait_s": 5.0},
-    "worker": {"unload_after_s": -1, "exit_after_s": -1, "stop_timeout_s": 2.0,
+    "worker": {"unload_after_s": -1, "exit_after_s": -1, "standby": False, "stop_timeout_s": 2.0,
                "load_timeout_s": 20.0, "batch_audio_s": 4.0, "heartbeat_s": 0.25,
                "heartbeat_timeout_s": 2.0, "batch_deadline_min_s": 5.0,
                "batch_deadline_factor": 10.0, "release_timeout_s": 0.0},

@@ -53,7 +53,7 @@ def start_serve(storage: Path) -> tuple[subprocess.Popen[str], str]:
     config.write_text(
         "[server]\nport = 0\n"
         f'[storage]\ndir = "{storage}"\n'
-        "[worker]\nunload_after_s = -1.0\nexit_after_s = -1.0\n"
+        "[worker]\nunload_after_s = -1.0\nexit_after_s = -1.0\nstandby = false\n"
         f'command = "{sys.executable} {ROOT / "tests" / "fake_worker.py"}"\n')
     env = {**os.environ, "FAKE_LOAD_S": "0.2", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(config)],

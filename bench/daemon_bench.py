@@ -166,7 +166,7 @@ def main() -> int:
     cfg = tmp / "real.toml"
     cfg.write_text(
         f"[server]\nport = 0\nmax_wait_s = 600\n[model]\npath = \"{args.model}\"\n"
-        "[worker]\ndevice = \"cpu\"\nunload_after_s = -1\nexit_after_s = -1\n"
+        "[worker]\ndevice = \"cpu\"\nunload_after_s = -1\nexit_after_s = -1\nstandby = false\n"
         f"[queue]\nmax_pending = 100000\n[storage]\ndir = \"{tmp / 'var-real'}\"\n")
     proc, url = start_serve(cfg, env)
     client = Client(url)
@@ -225,7 +225,7 @@ def main() -> int:
     cfg = tmp / "fake.toml"
     fake = ROOT / "tests" / "fake_worker.py"
     cfg.write_text(
-        f"[server]\nport = 0\n[worker]\ncommand = \"{sys.executable} {fake}\"\n"
+        f"[server]\nport = 0\n[worker]\nstandby = false\ncommand = \"{sys.executable} {fake}\"\n"
         "load_timeout_s = 3600\n"
         f"[queue]\nmax_pending = 1000000\n[storage]\ndir = \"{tmp / 'var-fake'}\"\n")
     proc, url = start_serve(cfg, {**env, "FAKE_HANG_LOAD": "1"})

@@ -90,7 +90,7 @@ def start_daemon(src: Path, tmp: Path, server: dict[str, Any]) -> tuple[subproce
     fake = src / "tests" / "fake_worker.py"
     lines = ["[server]", "port = 0"] + [f"{k} = {v!r}" for k, v in server.items()]
     lines += ["[worker]", f'command = "{sys.executable} {fake}"', "unload_after_s = -1",
-              "exit_after_s = -1", "[storage]", f'dir = "{tmp / "var"}"']
+              "exit_after_s = -1", "standby = false", "[storage]", f'dir = "{tmp / "var"}"']
     cfg = tmp / "config.toml"
     cfg.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}

@@ -49,7 +49,7 @@ TINY = ROOT / "tests" / "fixtures" / "emotion2vec-tiny" / "model"  # the golden 
 def base_config(args: argparse.Namespace, storage: Path) -> config_mod.Config:
     return config_mod.build(config_mod.Config, {
         "model": {"path": str(args.model)},
-        "worker": {"device": "cpu", "unload_after_s": -1, "exit_after_s": 0,
+        "worker": {"device": "cpu", "unload_after_s": -1, "exit_after_s": 0, "standby": False,
                    "release_timeout_s": 0},
         "storage": {"dir": str(storage)},
         "server": {"port": 0},

@@ -195,7 +195,8 @@ def end_to_end(model: Path, wav: Path, dtype: str) -> dict[str, Any]:
             f'[server]\nport = 0\nmax_upload_mb = 700.0\nmax_buffered_uploads_mb = 1400.0\n'
             f'read_timeout_s = 120.0\n[model]\npath = "{model}"\n'
             f'[worker]\ndevice = "cpu"\ndtype = "{dtype}"\nunload_after_s = -1\n'
-            f'exit_after_s = -1\nload_timeout_s = 600.0\n[storage]\ndir = "{tmp}/var"\n')
+            f'exit_after_s = -1\nstandby = false\nload_timeout_s = 600.0\n'
+            f'[storage]\ndir = "{tmp}/var"\n')
         proc, url = start_serve(config)
         try:
             t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def wav(seconds: float) -> bytes:
 def config(tmp: Path, *, tokens: bool, port: int) -> Path:
     text = (f'[server]\nport = 0\n[storage]\ndir = "{tmp / "var"}"\n'
             f'[worker]\ncommand = "{sys.executable} {ROOT / "tests" / "fake_worker.py"}"\n'
-            "unload_after_s = -1\nexit_after_s = -1\n"
+            "unload_after_s = -1\nexit_after_s = -1\nstandby = false\n"
             '[webhooks]\nsecret = "bench"\nallowed_hosts = ["127.0.0.1/32"]\n'
             "backoff_min_s = 0.1\n")
     if tokens:

@@ -155,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "traceback": traceback.format_exc()[-2000:]}
             results[name]["section_s"] = round(time.monotonic() - t, 2)
         results["meta"]["elapsed_s"] = round(time.monotonic() - start, 2)
+        # Both files after every section: a run cut short by the call's limit keeps them.
         (out_dir / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "gpu_check.md").write_text(report.markdown(results))
+        try:
+            (out_dir / "gpu_check.md").write_text(report.markdown(results))
+        except Exception:
+            log.exception("markdown failed (the JSON has everything)")
     probe.close()
     print(f"gpu_check: {out_dir / 'gpu_check.json'} ({results['meta']['elapsed_s']}s)")
     return 0
