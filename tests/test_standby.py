@@ -313,3 +313,40 @@ def test_status_json_has_the_standby_fields(tmp_path: Path) -> None:
         json.dumps(doc)
 
     run(main())
+
+
+def test_the_report_prices_the_restart_after_an_exit_as_an_activation() -> None:
+    from ondemand.config import CostConfig
+    from ondemand.cost import report
+    from ondemand.cost.ledger import Interval, Trigger
+
+    ivs: list[Interval] = []
+
+    def add(state: Phase, s: float, e: float, reason: str = "") -> None:
+        prev = ivs[-1].state if ivs else None
+        ivs.append(Interval(id=len(ivs) + 1, state=state, start=s, end=e, last_seen=e,
+                            from_state=prev, reason=reason,
+                            trigger=Trigger.JOB if state.billed else None))
+
+    add(Phase.LOADING, 0, 20, "job")  # the first start spawns a process: 20 s
+    t = 20.0
+    for _ in range(4):
+        add(Phase.READY_BUSY, t, t + 10)
+        add(Phase.STANDBY, t + 10, t + 310)  # 300 s in standby after each exit
+        add(Phase.LOADING, t + 310, t + 311, "activate")  # then a 1 s activation
+        t += 311
+    add(Phase.READY_BUSY, t, t + 10)
+    for i in range(1, len(ivs)):
+        ivs[i - 1] = Interval(**{**ivs[i - 1].__dict__, "next_state": ivs[i].state})
+    period = report.summarize(ivs, 0, t + 10, t + 10, CostConfig())
+    assert period["hours"]["standby"] * 3600 == pytest.approx(1200)
+    assert period["hours"]["gpu_held"] * 3600 == pytest.approx(20 + 4 + 50)
+    assert period["covered_hours"] * 3600 == pytest.approx(t + 10)
+    assert period["cold_starts"]["by_kind"]["activate"]["count"] == 4
+    assert period["cold_starts"]["by_kind"]["spawn"]["count"] == 1
+    rec = report.recommend(ivs, t + 10, CostConfig(), unload_after_s=-1, exit_after_s=120,
+                           standby=True)
+    assert rec["load_seconds"] == {"spawn": 20.0, "reload": None, "activate": 1.0,
+                                   "after_exit": 1.0}
+    off = report.recommend(ivs, t + 10, CostConfig(), unload_after_s=-1, exit_after_s=120)
+    assert off["load_seconds"]["after_exit"] == 20.0
