@@ -11,12 +11,10 @@ replicas that must be inside a batch are held at a gate (tests/ray_backends.py),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,57 +49,29 @@ from tests.conftest import (
     wait_for,
     wav_bytes,
 )
-
-ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e '.[cluster]')")
+from tests.ray_head import ROOT, RayHead
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).with_name("ray")
 GATED = "tests.ray_backends:GatedTorchBackend"
 LONG = 240.0  # seconds: a replica's cold start on a loaded 2-core machine is 5-30 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Head:
-    """A one-node Ray cluster of our own: `ray start --head`, stopped with `ray stop --force`."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = _free_port()
-        self.serve_port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def start(self) -> None:
-        out = subprocess.run(
-            [str(RAY), "start", "--head", f"--port={self.port}", "--num-cpus=2", "--num-gpus=0",
-             "--include-dashboard=false", "--disable-usage-stats",
-             "--object-store-memory=200000000"],
-            env=self.env, capture_output=True, text=True, timeout=180)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-
-    def stop(self) -> None:
-        subprocess.run([str(RAY), "stop", "--force"], env=self.env, capture_output=True,
-                       timeout=120)
+NO_RAY = "ray[serve] is not installed (pip install -e '.[cluster]', or scripts/setup.sh --dev)"
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
-    h = Head(tmp_path_factory.mktemp("ray"))
-    h.stop()  # nothing of an earlier run left behind
+def head() -> Iterator[RayHead]:
+    """The module's one-node Ray cluster; every test that needs it skips, saying why, where ray
+    cannot be imported (the pure tests above still run)."""
+    pytest.importorskip("ray", reason=NO_RAY)
+    h = RayHead()
     h.start()
     try:
         yield h
     finally:
-        h.stop()
+        h.close()
 
 
-def ray_sections(h: Head, **cluster: Any) -> dict[str, dict[str, Any]]:
+def ray_sections(h: RayHead, **cluster: Any) -> dict[str, dict[str, Any]]:
     return {
         "model": {"path": str(golden.MODEL)},
         "worker": {"device": "cpu", "exit_after_s": 6.0, "load_timeout_s": LONG,
@@ -180,7 +150,7 @@ def test_config_toml_documents_the_cluster_section() -> None:
 
 
 # -- against the cluster -----------------------------------------------------------------------
-def test_results_identical_to_local_mode(head: Head, tmp_path: Path) -> None:
+def test_results_identical_to_local_mode(head: RayHead, tmp_path: Path) -> None:
     async def body() -> None:
         clips = _clips()
         local_cfg = daemon_config(tmp_path / "local", model={"path": str(golden.MODEL)},
@@ -218,7 +188,7 @@ def test_results_identical_to_local_mode(head: Head, tmp_path: Path) -> None:
     run(body())
 
 
-def test_scale_from_zero_and_back_with_cost_per_node(head: Head, tmp_path: Path) -> None:
+def test_scale_from_zero_and_back_with_cost_per_node(head: RayHead, tmp_path: Path) -> None:
     async def body() -> None:
         cfg = daemon_config(tmp_path, **ray_sections(head, max_replicas=1))
         async with RayDaemon(cfg) as d:
@@ -262,7 +232,7 @@ def test_scale_from_zero_and_back_with_cost_per_node(head: Head, tmp_path: Path)
     run(body())
 
 
-def test_two_replicas_serve_a_burst_at_once(head: Head, tmp_path: Path) -> None:
+def test_two_replicas_serve_a_burst_at_once(head: RayHead, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
 
     async def body() -> None:
@@ -292,7 +262,7 @@ def test_two_replicas_serve_a_burst_at_once(head: Head, tmp_path: Path) -> None:
     run(body())
 
 
-def test_replica_killed_mid_batch_every_job_done_once(head: Head, tmp_path: Path) -> None:
+def test_replica_killed_mid_batch_every_job_done_once(head: RayHead, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
 
     async def body() -> None:
@@ -325,7 +295,7 @@ def test_replica_killed_mid_batch_every_job_done_once(head: Head, tmp_path: Path
     run(body())
 
 
-def test_cluster_stopped_while_queued_then_started(head: Head, tmp_path: Path) -> None:
+def test_cluster_stopped_while_queued_then_started(head: RayHead, tmp_path: Path) -> None:
     async def body() -> None:
         cfg = daemon_config(tmp_path, **ray_sections(head, max_replicas=1))
         async with RayDaemon(cfg) as d:
@@ -354,7 +324,7 @@ def test_cluster_stopped_while_queued_then_started(head: Head, tmp_path: Path) -
     try:
         run(body())
     finally:
-        with contextlib.suppress(Exception):
+        if head.proc is None:
             head.start()  # leave the module's cluster up for the next test
 
 
@@ -370,7 +340,7 @@ def _submit(url: str, data: bytes, key: str) -> str:
         return str(json.loads(r.read())["id"])
 
 
-def test_front_end_kill9_and_restart_during_a_burst(head: Head, tmp_path: Path) -> None:
+def test_front_end_kill9_and_restart_during_a_burst(head: RayHead, tmp_path: Path) -> None:
     sections = ray_sections(head, max_replicas=2)
     sections["worker"]["exit_after_s"] = 60.0
     cfg = serve_config(tmp_path, **sections)

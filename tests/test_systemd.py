@@ -252,7 +252,7 @@ def test_install_into_a_prefix_is_idempotent_and_uninstall_keeps_data(tmp_path: 
     assert token, envf.read_text()
     assert oct(envf.stat().st_mode & 0o777) == "0o640"
 
-    conf.write_text(conf.read_text().replace("max_upload_mb = 50.0", "max_upload_mb = 9.0"))
+    conf.write_text(conf.read_text().replace("max_upload_mb = 640.0", "max_upload_mb = 9.0"))
     again = sh(str(SCRIPTS / "install.sh"), "--prefix", str(root), "--no-venv")
     assert again.returncode == 0, again.stderr
     assert "keeping existing" in again.stdout and "up to date" in again.stdout

@@ -28,6 +28,8 @@ from typing import Any
 from aiohttp import web
 
 from ondemand import __version__, errors
+from ondemand.cluster.link import ClusterState
+from ondemand.cluster.messages import REPLICA_STATES
 from ondemand.console import routes as console
 from ondemand.daemon import auth, events_api
 from ondemand.daemon.http import json_response
@@ -160,12 +162,7 @@ def _schemas() -> dict[str, Schema]:
                         "queue": _obj({"queued": INT, "running": INT, "max_pending": INT}),
                         "idle": _obj({"unload_after_s": NUM, "exit_after_s": NUM},
                                      {"standby": BOOL, "yield_gpu": BOOL}),
-                        "cluster": _obj(
-                            {"backend": {"type": "string", "enum": ["local", "ray"]},
-                             "replicas": {"type": "array", "items": _obj(
-                                 {"id": STR, "state": STR, "pid": INT_OR_NULL})}},
-                            description="The backend and its live replicas (the local "
-                                        "worker process, or Ray Serve's: docs/cluster.md).")}),
+                        "cluster": _cluster_status()}),
         "Prewarm": _obj({"rules": {"type": "array", "items": {"type": "object"}},
                          "lead": {"type": "object"}, "holds": {"type": "array"},
                          "worker": {"type": "object"}, "timezone": STR},
@@ -203,6 +200,31 @@ def _schemas() -> dict[str, Schema]:
                         closed=True),
         **_event_schemas(),
     }
+
+
+def _cluster_status() -> Schema:
+    """`/v1/status` `cluster` (docs/api.md, docs/cluster.md): local mode has `backend` and
+    `replicas` only; ray mode adds the cluster's state, its agent and its scaling."""
+    replica = _obj(
+        {"id": STR, "node": STR, "node_ip": STR, "pid": INT_OR_NULL,
+         "state": {"type": "string", "enum": sorted(
+             {*REPLICA_STATES, *(s.value for s in WorkerState)} - {"exited"})},
+         "device": STR, "since": NUM_OR_NULL, "started": NUM_OR_NULL,
+         "loaded_since": {**NUM_OR_NULL, "description": "Unix time the model was loaded; "
+                                                        "null until then (and locally)."}},
+        closed=True, description="One live replica (ray), or the worker process (local).")
+    return _obj(
+        {"backend": {"type": "string", "enum": ["local", "ray"]},
+         "replicas": {"type": "array", "items": replica,
+                      "description": "Empty when scaled to zero."}},
+        {"state": {"type": "string", "enum": [s.value for s in ClusterState]},
+         "reason": STR_OR_NULL, "address": STR, "ray_version": STR_OR_NULL,
+         "nodes": INT_OR_NULL, "app": STR, "url": STR, "app_status": STR_OR_NULL,
+         "app_message": STR_OR_NULL, "min_replicas": INT, "max_replicas": INT,
+         "target_min_replicas": INT, "hold_s": NUM_OR_NULL, "hold_trigger": STR_OR_NULL,
+         "agent_pid": INT_OR_NULL, "agent_starts": INT, "in_flight": INT},
+        closed=True, description="The backend and its live replicas (the local worker process, "
+                                 "or Ray Serve's: docs/cluster.md).")
 
 
 # -- GET /v1/events: each event's name, whether it carries an id, and its data ----------------
