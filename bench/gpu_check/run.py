@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--budget-s", type=float, default=450.0,
-                    help="stop starting sections after this many seconds (the device tool "
-                         "allows 600 per call; leave room for start-up and transfers)")
+    ap.add_argument("--budget-s", type=float, default=380.0,
+                    help="stop starting sections after this many seconds (the issue asks for "
+                         "8 minutes in all: leave room for a section that overruns, the "
+                         "machine's start-up and the transfers)")
     ap.add_argument("--quick", action="store_true",
                     help="the CI size: few clips, one sample per rung, short settles")
     ap.add_argument("--samples", type=int, default=None, help="samples per ladder rung")
