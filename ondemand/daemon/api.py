@@ -49,6 +49,7 @@ from ondemand.errors import (
     BadRequest,
     JobConflict,
     JobNotFound,
+    OndemandError,
     RequestTimeout,
     ShuttingDown,
     StorageFull,
@@ -368,7 +369,11 @@ async def readyz(request: web.Request) -> web.Response:
     if busy is not None:
         return json_response({"ready": False, "reason": busy}, status=503,
                              headers={"Retry-After": "5"})
-    counts = await app[STORE].counts()
+    try:
+        counts = await app[STORE].counts()
+    except OndemandError as e:  # storage failing between two checks: still a readiness answer
+        return json_response({"ready": False, "reason": f"job database failing: {e.message}"},
+                             status=503, headers={"Retry-After": "5"})
     pending = counts[QUEUED] + counts["running"]
     if pending >= app[CONFIG].queue.max_pending:
         return json_response({"ready": False, "reason": "queue full"}, status=503,
