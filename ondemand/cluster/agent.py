@@ -188,8 +188,8 @@ class Agent:
         self.seq = seq
         for line in lines:
             event = m.decode_event(line)
-            if not isinstance(event, m.ReplicaEvent):
-                continue
+            if not isinstance(event, m.ReplicaEvent) or event.app != self.start.app:
+                continue  # another daemon's application on the same cluster
             if event.state == "exited":
                 if self.known.pop(event.replica, None) is None:
                     continue  # already reported gone
@@ -220,7 +220,7 @@ class Agent:
                     self.registry.forget.remote(rid)
                 self.send(m.ReplicaEvent(
                     replica=rid, node=last.node, node_ip=last.node_ip, pid=last.pid,
-                    device=last.device, state="exited", at=now,
+                    device=last.device, state="exited", at=now, app=self.start.app,
                     reason="gone from the Serve controller (killed, or its node lost)"))
         for rid, r in live.items():
             if rid not in self.known:  # started, but no report from it yet
@@ -228,7 +228,7 @@ class Agent:
                     replica=rid, node=str(r.get("node_id") or ""),
                     node_ip=str(r.get("node_ip") or ""), pid=int(r.get("pid") or 0),
                     device=self.start.replica.device, state="loading",
-                    at=float(r.get("start_time_s") or now))
+                    at=float(r.get("start_time_s") or now), app=self.start.app)
                 self.known[rid] = event
                 self.send(event)
         if self.waiting is not None:

@@ -196,6 +196,10 @@ class Cluster:
         self._hold_trigger = ""
         self._applied_min: int | None = None  # what the agent last confirmed
         self._waiting: list[asyncio.Future[None]] = []  # holds waiting for Applied
+        # Holds awaited while the agent is still connecting: their replicas are asked for once
+        # deployed.  (Failing them at once made every catch-up prewarm at daemon start-up, which
+        # runs before the agent has deployed, record "load failed" while its replicas came up.)
+        self._deferred: list[asyncio.Future[None]] = []
         self._on_ready: list[Callable[[], None]] = []
         self._shutdown: _Shutdown | None = None
         self.starts = 0
@@ -228,7 +232,9 @@ class Cluster:
 
     async def hold(self, trigger: str, hold_s: float, *, wait: bool = True) -> None:
         """Keep `cluster.hold_replicas` replicas for `hold_s` seconds (a prewarm window, a manual
-        load); with `wait`, return once they run (ClusterUnavailable if they cannot)."""
+        load); with `wait`, return once they run (ClusterUnavailable if they cannot: the cluster
+        is unreachable, or its agent is lost while connecting; a hold asked while the agent
+        connects waits for the deployment, as a catch-up prewarm at start-up does)."""
         fut = asyncio.get_running_loop().create_future() if wait else None
         self._inbox.put_nowait(_Hold(trigger, hold_s, fut))
         if fut is not None:
@@ -313,7 +319,7 @@ class Cluster:
                 self._hold_until, self._hold_trigger = 0.0, ""
                 self._timers.cancel(TimerKind.HOLD_END)
                 msg.fut.set_result(None)
-                await self._apply_min(wait=None)
+                await self._apply_min(wait=[])
             case _Shutdown():
                 self._shutdown = msg
                 self._set_state(S.STOPPED, "shutdown")
@@ -348,7 +354,7 @@ class Cluster:
             log.info("cluster hold ended trigger=%s", self._hold_trigger)
             self.bus.publish(ClusterHold(until=0.0, trigger=self._hold_trigger))
             self._hold_trigger = ""
-            await self._apply_min(wait=None)
+            await self._apply_min(wait=[])
 
     # -- the agent process ---------------------------------------------------------------------
     def _start_message(self) -> m.Start:
@@ -483,8 +489,9 @@ class Cluster:
                 self._timers.cancel(TimerKind.CONNECT_DEADLINE)
                 self._applied_min = n
                 self._set_state(S.READY, "deployed")
-                if n != self.target_min():  # a hold began or ended while connecting
-                    await self._apply_min(wait=None)
+                deferred, self._deferred = self._deferred, []
+                if deferred or n != self.target_min():  # a hold began or ended while connecting
+                    await self._apply_min(wait=deferred)
             case m.Unreachable(reason=reason):
                 if self.state is not S.STOPPED:
                     self._set_state(S.UNREACHABLE, reason)
@@ -561,30 +568,36 @@ class Cluster:
                                              trigger=msg.trigger))
             log.info("cluster hold %.0fs trigger=%s: keeping %d replica(s)", msg.hold_s,
                      msg.trigger, self.target_min())
-        if msg.fut is not None and self.state is not S.READY:
+        if msg.fut is not None and self.state is S.STARTING:
+            self._deferred.append(msg.fut)  # answered once deployed (Deployed), or failed
+            msg.fut = None
+        elif msg.fut is not None and self.state is not S.READY:
             msg.fut.set_exception(ClusterUnavailable(
                 f"the Ray cluster is {self.state}: {self.reason}",
                 retry_after_s=self.cfg.retry_s))
             msg.fut = None
-        await self._apply_min(wait=msg.fut)
+        await self._apply_min(wait=[msg.fut] if msg.fut is not None else [])
 
-    async def _apply_min(self, wait: asyncio.Future[None] | None) -> None:
-        """Tell the agent the current minimum (when ready); `wait` resolves on its answer."""
+    async def _apply_min(self, wait: list[asyncio.Future[None]]) -> None:
+        """Tell the agent the current minimum (when ready); the `wait` futures resolve on its
+        answer, once that many replicas run."""
         target = self.target_min()
         if self.state is not S.READY:
             return  # the next agent starts with target_min()
-        if target == self._applied_min and wait is None:
+        if wait and target == 0:  # the hold ended meanwhile: nothing to wait for
+            for fut in wait:
+                if not fut.done():
+                    fut.set_result(None)
+            wait = []
+        if target == self._applied_min and not wait:
             return
-        if wait is not None:
-            if target == 0:
-                wait.set_result(None)
-                return
-            self._waiting.append(wait)
-        await self._send(m.encode(m.SetMin(min_replicas=target, wait=wait is not None,
+        self._waiting.extend(wait)
+        await self._send(m.encode(m.SetMin(min_replicas=target, wait=bool(wait),
                                            timeout_s=self._full.worker.load_timeout_s)))
 
     def _fail_waiting(self, why: str) -> None:
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = [*self._waiting, *self._deferred], []
+        self._deferred = []
         for fut in waiting:
             if not fut.done():
                 fut.set_exception(ClusterUnavailable(why, retry_after_s=self.cfg.retry_s))

@@ -152,6 +152,9 @@ class ReplicaEvent:
     at: float
     load_s: float | None = None  # with the first `idle`: seconds from replica start to loaded
     reason: str = ""
+    # The Serve application of the replica: the registry is one per cluster, so the agent of
+    # one daemon must not take another daemon's (another app's) replicas for its own.
+    app: str = ""
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,7 @@ class Replica:
         self._spec = messages.decode_spec(spec_json)
         ctx = serve.get_replica_context()
         self.id = ctx.replica_id.unique_id
+        self.app = ctx.app_name
         self.node = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.pid = os.getpid()
@@ -129,7 +130,8 @@ class Replica:
 
         line = messages.encode(messages.ReplicaEvent(
             replica=self.id, node=self.node, node_ip=self.node_ip, pid=self.pid,
-            device=self.device, state=state, at=at, load_s=load_s, reason=reason))
+            device=self.device, state=state, at=at, load_s=load_s, reason=reason,
+            app=self.app))
         try:
             if self._registry is None:
                 self._registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
