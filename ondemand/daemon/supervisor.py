@@ -4,9 +4,17 @@ A single task (`_run`) owns every piece of worker state.  Everyone else sends it
 awaits the outcome: `async with supervisor.lease(trigger) as lease: await lease.infer(op)`,
 `await supervisor.load(trigger, hold_s=...)`, `await supervisor.unload(...)`.  Worker events,
 process exits and timers arrive as messages in the same queue, so no state is ever changed from
-two places (llama-swap raced until it moved to exactly this).  The process itself (spawn, pipes,
-the steps of a stop, exit classification) is `process.WorkerProcess`; what crosses its pipe is
-`ondemand.protocol`.
+two places (llama-swap raced until it moved to exactly this).  This module is the state machine
+and its message handlers.  What they consult lives beside it and changes no state itself:
+
+    process.py       WorkerProcess: spawn, pipes, the steps of a stop, exit classes (protocol.py
+                     is what crosses its pipe)
+    timers.py        one-shot timers that come back as messages (TimerKind below)
+    loads.py         LoadBook: the load in progress, the last one, the failure streak, backoff
+    idle.py          IdleLadder: last use, holds, the idle ladder's deadlines (pure)
+    liveness.py      Liveness: batches in flight, heartbeats, batch deadlines (issue 10)
+    gpu_watch.py     GpuWatch: GPU readings for yielding.YieldPolicy (stepping aside)
+    worker_status.py the states and the records of the status() snapshot
 
 States and transitions (TRANSITIONS below is checked by `_set_state`):
 
@@ -18,40 +26,38 @@ States and transitions (TRANSITIONS below is checked by `_set_state`):
     cold ──standby spawn──> preparing ──prepared──> standby ──job / load (activate)──> loading
                                 └──── job / load: `load` sent behind `prepare` ────────────┘
 
+    cold, standby ──a load does not fit──> yielded ──GPU free again──> cold, preparing, standby
+    starting .. unloaded ──others need the room (the batch ends first)──> stopping ──exit──> cold
+    cold (aside) ──> yielded, or with standby: preparing ──prepared──> yielded
+
 Standby (`worker.standby`, docs/ladder.md): after every exit, and at start-up, one worker process
 is spawned with `prepare`: it imports torch and the engine and reads the weights into host
 memory, never initialising CUDA, so it holds no GPU memory; a job or a load then only pays CUDA
 initialisation, the copy to the device and the warm-up.  `unload(exit=True)` on a standby ends it
 and none is prepared until the next load has come and gone.
 
-Stepping aside (`worker.yield_gpu`, daemon/yielding.py): while the worker may hold the GPU, and
-while aside, GPU_POLL reads the GPU every `yield_poll_s`.  When other processes need the room the
-supervisor revokes the leases (the dispatcher starts no new batch), lets the running batch finish,
-stops the worker and goes to `yielded` (a standby is prepared meanwhile: it holds no GPU).  A load
-whose need does not fit goes to `yielded` instead of dying of out-of-memory.  Loads wait there,
-jobs stay queued, until the policy lets us back; then standby (or cold) and the waiting loads run.
+Stepping aside (`worker.yield_gpu`): while the worker may hold the GPU, and while aside, GPU_POLL
+reads the GPU every `yield_poll_s`.  When other processes need the room the supervisor revokes
+the leases (the dispatcher starts no new batch), lets the running batch finish, stops the worker
+and goes to `yielded` (a standby is prepared meanwhile: it holds no GPU).  A load whose need does
+not fit goes to `yielded` instead of dying of out-of-memory.  Loads wait there, jobs stay queued,
+until the policy lets us back; then standby (or cold) and the waiting loads run.
 
 In-flight work is counted by leases; the idle timer is armed only when the count is zero and is
 re-checked when it fires (LocalAI #5221, llama.cpp #28698: never unload under a running job).
-Idle ladder: `unload_after_s` drops the model but keeps the process (cheap reactivation);
-`exit_after_s` ends the process, the only way to free the CUDA context.  0 = at once, -1 = never.
-Holds (`load(hold_s=...)`) suspend both while active; overlapping holds merge.
+Idle ladder: `unload_after_s` drops the model but keeps the process, `exit_after_s` ends it;
+holds (`load(hold_s=...)`) suspend both while active.
 
-Liveness of a busy worker (issue 10: a SIGSTOPped worker held a batch for minutes, the queue grew,
-/readyz said ready and nothing was logged).  While a batch is in flight two timers run: HEARTBEAT
-(re-armed by every `heartbeat` the worker sends from its own thread; silent for
-`heartbeat_timeout_s` = hung) and BATCH_DEADLINE (max(batch_deadline_min_s, factor x the
-batch's audio seconds / the slowest recent speed) = stuck); HEARTBEAT also bounds the wait for
-`unloaded`.  Either SIGKILLs the worker (a stopped process cannot handle SIGTERM), so its batch
-fails as a crash (the dispatcher retries it, attempts counted) and the next lease starts a fresh
-worker.  `status().stalled_s` shows missed beats while they last; `unready_reason()` turns
-/readyz 503.
+Liveness of a busy worker (issue 10: a SIGSTOPped worker held a batch for minutes, unnoticed):
+while a batch is in flight HEARTBEAT (silent for `heartbeat_timeout_s` = hung) and BATCH_DEADLINE
+(past the batch's deadline = stuck) run; HEARTBEAT also bounds the wait for `unloaded`.  Either
+SIGKILLs the worker (a stopped process cannot handle SIGTERM), so its batch fails as a crash (the
+dispatcher retries it) and the next lease starts a fresh worker.  `status().stalled_s` shows
+missed beats while they last; `unready_reason()` turns /readyz 503.
 """
-
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import enum
@@ -66,12 +72,14 @@ from ondemand.config import ModelConfig, WorkerConfig
 from ondemand.daemon.events import (
     EventBus,
     JobProgress,
-    ModelLoaded,
     StateChanged,
-    SteppedAside,
     WorkerActivity,
     WorkerExited,
 )
+from ondemand.daemon.gpu_watch import GpuWatch
+from ondemand.daemon.idle import IdleLadder
+from ondemand.daemon.liveness import Batch, Liveness
+from ondemand.daemon.loads import LoadBook, LoadKind
 from ondemand.daemon.process import (
     ExitKind,
     Spawn,
@@ -85,14 +93,12 @@ from ondemand.daemon.worker_status import (
     ExitRecord,
     LoadRecord,
     StandbyRecord,
-    WarmBecause,
     WorkerState,
     WorkerStatus,
-    YieldRecord,
 )
-from ondemand.daemon.yielding import GpuReading, Verdict, YieldPolicy
-from ondemand.errors import LoadFailed, WorkerCrashed, WorkerUnavailable, from_code
-from ondemand.gpu import GpuProbe, gpu_index, host_usage
+from ondemand.daemon.yielding import GpuReading, Verdict
+from ondemand.errors import LoadFailed, WorkerCrashed, WorkerUnavailable
+from ondemand.gpu import GpuProbe, host_usage
 
 # Also the import path of WorkerState, Spawn, make_spawn and worker_env for app.py, tests, bench.
 __all__ = ["TRANSITIONS", "Lease", "Spawn", "Supervisor", "TimerKind", "WorkerState",
@@ -101,7 +107,6 @@ __all__ = ["TRANSITIONS", "Lease", "Spawn", "Supervisor", "TimerKind", "WorkerSt
 log = logging.getLogger(__name__)
 
 RELEASE_POLL_S = 0.25  # NVML poll period while waiting for GPU memory to come back (Ollama)
-SPEED_SAMPLES = 20  # recent batches whose slowest speed sets the batch deadline
 
 
 S = WorkerState
@@ -135,6 +140,8 @@ class TimerKind(enum.Enum):
 HOLDING = frozenset({S.STARTING, S.LOADING, S.READY, S.UNLOADING, S.UNLOADED})
 # States from which a load request starts a load at once (yielded: once the GPU is back).
 LOADABLE = frozenset({S.COLD, S.UNLOADED, S.PREPARING, S.STANDBY, S.YIELDED})
+# States with a standby process (or none yet): `status().standby` reports it.
+STANDING_BY = frozenset({S.PREPARING, S.STANDBY, S.YIELDED})
 
 
 # -- messages to the owner task ----------------------------------------------------------------
@@ -171,17 +178,6 @@ class _Infer:
 
 
 @dataclass
-class _Batch:
-    """A batch in flight on the worker."""
-
-    op: protocol.Infer
-    fut: asyncio.Future[protocol.Result]
-    audio_s: float
-    sent: float  # on the supervisor's clock
-    deadline: float
-
-
-@dataclass
 class _FromWorker:
     pid: int
     event: protocol.Event
@@ -201,10 +197,6 @@ class _Shutdown:
 @dataclass
 class _Standby:
     """Prepare a standby process if the worker is cold and nothing waits."""
-
-
-def _what(batch: _Batch) -> str:
-    return f"batch {batch.op.batch} ({len(batch.op.items)} jobs, {batch.audio_s:.1f}s of audio)"
 
 
 class Lease:
@@ -249,52 +241,27 @@ class Supervisor:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._timers: Timers[TimerKind] = Timers(self._post, clock)
+        self._book = LoadBook(worker)
+        self._idle = IdleLadder(unload_after_s=worker.unload_after_s,
+                                exit_after_s=worker.exit_after_s, now=clock())
+        self._live = Liveness(worker)
+        self._watch = GpuWatch.create(worker, gpu, clock)  # None: stepping aside is off
+        self.device = worker.device
+        self.dtype = worker.dtype
+        self.last_exit: ExitRecord | None = None  # the last exit we did not ask for
 
         self.state = S.COLD
         self._proc: WorkerProcess | None = None
-        self._trigger = ""  # what asked for the current load
-        self._unload_reason = ""
         self._inflight = 0
         self._waiters: list[_Acquire | _Load] = []
-        self._batches: dict[str, _Batch] = {}
-        self._last_beat = 0.0  # the last sign of life of the worker on a batch (clock)
-        self._speeds: collections.deque[float] = collections.deque(maxlen=SPEED_SAMPLES)
-        self.last_exit: ExitRecord | None = None
-        self._last_used = clock()
-        self._standby_started = 0.0
-        self._hold_until = 0.0
-        self._hold_trigger = ""
         self._pending_unload: _Unload | None = None
-        self._load_started = 0.0
-        self._load_fresh = False
-        self._hello_s = 0.0
-        self._failures = 0
-        self._last_error: protocol.ErrorInfo | None = None
-        self._release_deadline = 0.0
         self._shutdown: _Shutdown | None = None
-        self.device = worker.device
-        self.dtype = worker.dtype
-        self.last_load_s: float | None = None
-        self.last_load: LoadRecord | None = None
-        self.loads = 0
-        self.spawns = 0
-        self._load_kind = "spawn"  # spawn | reload | activate: the load in progress
+        self._release_deadline = 0.0
+        self._unload_reason = ""
         self._prepared = False  # the current process answered `prepared` (a standby)
-        self._standby: StandbyRecord | None = None  # what it reported
         self._standby_declined = False  # unload(exit) ended a standby: none until the next load
-        self._weights_mb: float | None = None  # from prepared/loaded: the need's base
         self._revoked: str | None = None  # leases asked to end (Lease.revoked)
         self._yield_pending = False  # aside, but the running batch finishes first
-        self._gpu_index = gpu_index(worker.device)
-        self._policy: YieldPolicy | None = None
-        if worker.yield_gpu:
-            if gpu is None or gpu.fallback or self._gpu_index is None:
-                log.info("worker.yield_gpu: no NVML view of the GPU (device %s, probe %s); "
-                         "stepping aside is off", worker.device, gpu.name if gpu else "none")
-            else:
-                self._policy = YieldPolicy(free_below_mb=worker.yield_free_below_mb,
-                                           resume_free_mb=worker.yield_resume_free_mb,
-                                           settle_s=worker.yield_settle_s)
 
     # -- public API (any task) ------------------------------------------------------------
     def start(self) -> None:
@@ -347,98 +314,75 @@ class Supervisor:
         self._post(_Unload(trigger, exit, fut))
         await fut
 
+    @property
+    def loads(self) -> int:
+        return self._book.loads
+
+    @property
+    def spawns(self) -> int:
+        return self._book.spawns
+
+    @property
+    def last_load(self) -> LoadRecord | None:
+        return self._book.last
+
+    @property
+    def last_load_s(self) -> float | None:
+        return self._book.last.seconds if self._book.last else None
+
     def status(self) -> WorkerStatus:
-        now = self._clock()
-        proc = self._proc
+        """A snapshot for reporting (never branch on it to drive the worker)."""
+        now, proc, ready = self._clock(), self._proc, self.state is S.READY
         unload_in = exit_in = None
         if self._inflight == 0 and self.state in (S.READY, S.UNLOADED):
-            unload_at, exit_at = self._idle_deadlines()
-            if unload_at is not None and self.state is S.READY:
-                unload_in = max(0.0, unload_at - now)
-            if exit_at is not None:
-                exit_in = max(0.0, exit_at - now)
-        held = self._hold_until > now
-        batch_s = deadline_s = None
-        if self._batches:
-            batch_s = now - min(b.sent for b in self._batches.values())
-            deadline_s = max(0.0, min(b.deadline for b in self._batches.values()) - now)
+            unload_in, exit_in = self._idle.countdown(now, loaded=ready)
+        hold, book = self._idle.hold_left(now), self._book
         return WorkerStatus(
             state=self.state, pid=proc.pid if proc else None, device=self.device,
-            dtype=self.dtype, model=self.model.spec, trigger=self._trigger or None,
-            in_flight=self._inflight, last_load_s=self.last_load_s, last_load=self.last_load,
-            loads=self.loads, spawns=self.spawns, unload_in_s=unload_in, exit_in_s=exit_in,
-            hold_s=self._hold_until - now if held else None,
-            hold_trigger=(self._hold_trigger or None) if held else None,
-            warm_because=self._warm_because(now), load_failures=self._failures,
-            last_error=self._last_error,
+            dtype=self.dtype, model=self.model.spec, trigger=book.trigger or None,
+            in_flight=self._inflight, last_load_s=self.last_load_s, last_load=book.last,
+            loads=book.loads, spawns=book.spawns, unload_in_s=unload_in, exit_in_s=exit_in,
+            hold_s=hold or None, hold_trigger=(self._idle.hold_trigger or None) if hold else None,
+            warm_because=self._idle.warm_because(now, in_flight=self._inflight) if ready else None,
+            load_failures=book.failures, last_error=book.last_error,
             backoff_s=self._timers.left(TimerKind.BACKOFF_END) if self.state is S.BACKOFF else None,
             gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.device) if proc else None,
-            batch_s=batch_s, batch_deadline_s=deadline_s, stalled_s=self._stalled_s(now),
-            last_exit=self.last_exit, standby=self._standby_status(),
-            yielded=self._yield_status(now),
+            batch_s=self._live.batch_s(now), batch_deadline_s=self._live.deadline_in_s(now),
+            stalled_s=self._live.stalled_s(now) if ready else None, last_exit=self.last_exit,
+            standby=self._standby_status(),
+            yielded=self._watch.record(now, pending=self._yield_pending) if self._watch else None,
         )
 
     def _standby_status(self) -> StandbyRecord | None:
         proc = self._proc
-        if proc is None or self.state not in (S.PREPARING, S.STANDBY, S.YIELDED):
+        if proc is None or self.state not in STANDING_BY:
             return None
         _, rss, _ = host_usage([proc.pid])
-        base = self._standby or StandbyRecord(pid=proc.pid, prepared=False, seconds=None,
-                                              weights_mb=None, host_mb=None,
-                                              cuda_initialized=None, gpu_memory_mb=None)
-        return dataclasses.replace(base, host_mb=None if rss is None else rss / 2**20,
-                                   gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.cfg.device))
-
-    def _yield_status(self, now: float) -> YieldRecord | None:
-        pol = self._policy
-        if pol is None or not pol.yielded:
-            return None
-        last, trig = pol.last, pol.trigger
-        return YieldRecord(
-            reason=pol.reason, pending=self._yield_pending,
-            for_s=now - (pol.since if pol.since is not None else now), need_mb=pol.need_mb,
-            resume_at_free_mb=pol.resume_at_free_mb(), settle_s=pol.settle_s,
-            settled_s=pol.settled_s(now), gpu=last.to_json() if last else None,
-            trigger_gpu=trig.to_json() if trig else None)
-
-    def _stalled_s(self, now: float) -> float | None:
-        """Seconds since the last heartbeat once two were missed (a batch in flight), else None."""
-        if not self._batches or self.state is not S.READY:
-            return None
-        silent = now - self._last_beat
-        return silent if silent > 2 * self.cfg.heartbeat_s else None
+        return (self._book.standby or StandbyRecord.preparing(proc.pid)).now(
+            host_mb=None if rss is None else rss / 2**20,
+            gpu_memory_mb=proc.held_gpu_mb(self._gpu, self.cfg.device))
 
     def unready_reason(self) -> str | None:
         """Why the worker cannot take work now although it is up (for /readyz), else None."""
-        stalled = self._stalled_s(self._clock())
+        proc = self._proc
+        stalled = self._live.stalled_s(self._clock()) if self.state is S.READY else None
         if stalled is not None:
-            proc = self._proc
             return (f"worker stalled: no heartbeat for {stalled:.1f}s on a batch "
                     f"(pid {proc.pid if proc else '-'}); it is killed after "
                     f"worker.heartbeat_timeout_s={self.cfg.heartbeat_timeout_s:g}s")
-        proc = self._proc
         if proc is not None and proc.killed is not None and proc.killed[0] in (
                 ExitKind.HUNG, ExitKind.BATCH_TIMEOUT):
             return f"worker {proc.killed[0]} (pid {proc.pid}): killed, a new one follows"
         return None
 
-    def batch_deadline_s(self, audio_s: float) -> float:
-        """How long a batch of `audio_s` seconds of audio may run: max(floor, factor x audio /
-        the slowest speed of the last SPEED_SAMPLES batches, or the default speed before any)."""
-        speed = min(self._speeds) if self._speeds else self.cfg.batch_default_speed
-        return max(self.cfg.batch_deadline_min_s,
-                   self.cfg.batch_deadline_factor * audio_s / speed)
-
-    def _warm_because(self, now: float) -> WarmBecause | None:
-        if self.state is not S.READY:
-            return None
-        if self._inflight:
-            return "in_flight"
-        return "hold" if self._hold_until > now else "idle_timeout"
-
     def retry_after_s(self) -> float:
         left = self._timers.left(TimerKind.BACKOFF_END) if self.state is S.BACKOFF else None
         return max(1.0, left or 0.0)
+
+    @property
+    def _batches(self) -> dict[str, Batch]:
+        """The batches in flight (tests wait on them)."""
+        return self._live.batches
 
     # -- owner task -----------------------------------------------------------------------
     def _post(self, msg: Any) -> None:
@@ -477,7 +421,7 @@ class Supervisor:
         if new not in TRANSITIONS[old]:
             raise RuntimeError(f"illegal worker transition {old} -> {new} ({reason})")
         self.state = new
-        trig = trigger if trigger is not None else self._trigger
+        trig = trigger if trigger is not None else self._book.trigger
         pid = self._proc.pid if self._proc else None
         log.info("worker %s -> %s reason=%s trigger=%s pid=%s", old, new, reason, trig or "-", pid)
         self.bus.publish(
@@ -506,31 +450,22 @@ class Supervisor:
                 self._proc.kill()
             case TimerKind.BACKOFF_END if self.state is S.BACKOFF:
                 self._set_state(S.COLD, "backoff_over")
-                if self._waiters:
-                    await self._begin_load(self._waiters[0].trigger)
-                else:
+                if not await self._serve_waiters():
                     await self._begin_standby()
             case TimerKind.RELEASE_POLL:
                 self._poll_release()
-            case TimerKind.HEARTBEAT if self._batches:
-                silent = self._clock() - self._last_beat
-                self._kill_stuck(ExitKind.HUNG, _what(next(iter(self._batches.values()))),
-                                 f"no heartbeat for {silent:.1f}s (worker.heartbeat_timeout_s="
-                                 f"{self.cfg.heartbeat_timeout_s:g})")
+            case TimerKind.HEARTBEAT if self._live.batches:
+                self._kill_stuck(ExitKind.HUNG, *self._live.hung(self._clock()))
             case TimerKind.HEARTBEAT if self.state is S.UNLOADING:
                 self._kill_stuck(ExitKind.HUNG, "unload",
                                  f"no answer for {self.cfg.heartbeat_timeout_s:g}s "
                                  "(worker.heartbeat_timeout_s)")
-            case TimerKind.BATCH_DEADLINE if self._batches:
-                now = self._clock()
-                late = min(self._batches.values(), key=lambda b: b.deadline)
-                if late.deadline > now + 1e-3:
+            case TimerKind.BATCH_DEADLINE if self._live.batches:
+                late = self._live.overdue(self._clock())
+                if late is None:
                     self._arm_liveness()  # a batch ended meanwhile
-                    return
-                self._kill_stuck(ExitKind.BATCH_TIMEOUT, _what(late),
-                                 f"ran {now - late.sent:.1f}s, past its deadline of "
-                                 f"{late.deadline - late.sent:.1f}s ({late.audio_s:.1f}s of "
-                                 "audio; worker.batch_deadline_*)")
+                else:
+                    self._kill_stuck(ExitKind.BATCH_TIMEOUT, *late)
 
     # requests ----------------------------------------------------------------------------
     async def _on_acquire(self, msg: _Acquire) -> None:
@@ -555,9 +490,9 @@ class Supervisor:
 
     def _activity(self) -> None:
         """Tell the cost ledger that in-flight work or a hold changed (ready busy vs idle)."""
-        hold = max(0.0, self._hold_until - self._clock())
+        hold = self._idle.hold_left(self._clock())
         self.bus.publish(WorkerActivity(inflight=self._inflight, hold_s=hold,
-                                        hold_trigger=self._hold_trigger if hold else ""))
+                                        hold_trigger=self._idle.hold_trigger if hold else ""))
 
     def _refuse(self, msg: _Acquire | _Load) -> bool:
         """Fail the request at once when the worker is backing off or shutting down."""
@@ -565,11 +500,7 @@ class Supervisor:
         if self._shutdown is not None:
             err = WorkerUnavailable("the daemon is shutting down", retry_after_s=5)
         elif self.state is S.BACKOFF:
-            last = self._last_error
-            why = f" ({last.code}: {last.message})" if last else ""
-            wait = self.retry_after_s()
-            err = LoadFailed(f"the model failed to load {self._failures} times in a row{why}; "
-                             f"next attempt in {wait:.0f}s", retry_after_s=wait)
+            err = self._book.backoff_error(self.retry_after_s())
         if err is None:
             return False
         if msg.fut is not None and not msg.fut.done():
@@ -580,7 +511,7 @@ class Supervisor:
         self._inflight -= 1
         assert self._inflight >= 0, "lease released twice"
         if self._inflight == 0:
-            self._last_used = self._clock()
+            self._idle.used(self._clock())
             self._activity()
             if self._yield_pending:
                 await self._stop_for_yield()
@@ -592,15 +523,13 @@ class Supervisor:
 
     async def _on_load(self, msg: _Load) -> None:
         if msg.hold_s > 0:
-            until = self._clock() + msg.hold_s
-            if until > self._hold_until:
-                self._hold_until, self._hold_trigger = until, msg.trigger
+            self._idle.hold(self._clock() + msg.hold_s, msg.trigger)
             log.info("worker hold %.0fs trigger=%s", msg.hold_s, msg.trigger)
             self._activity()
         self._pending_unload = None
         self._standby_declined = False
         if self.state is S.READY and self._revoked is None:
-            self._last_used = self._clock()
+            self._idle.used(self._clock())
             self._arm_idle()
             if msg.fut is not None:
                 msg.fut.set_result(None)
@@ -617,9 +546,7 @@ class Supervisor:
     async def _on_unload(self, msg: _Unload) -> None:
         if msg.fut is not None and not msg.fut.done():
             msg.fut.set_result(None)  # taken in; the unload itself may wait for in-flight work
-        had_hold = bool(self._hold_trigger)
-        self._hold_until, self._hold_trigger = 0.0, ""
-        if had_hold:
+        if self._idle.clear_hold():
             self._activity()
         if self._inflight > 0:
             self._pending_unload = msg  # never under a running batch
@@ -627,7 +554,7 @@ class Supervisor:
                      self._inflight)
             return
         self._timers.cancel(TimerKind.IDLE)
-        if msg.exit and self.state in (S.PREPARING, S.STANDBY, S.YIELDED) and self._proc:
+        if msg.exit and self.state in STANDING_BY and self._proc:
             # Ending a standby: the operator wants its host memory back too.  None is prepared
             # again until a load has come and gone (each exit request is one rung down).
             self._standby_declined = True
@@ -644,24 +571,19 @@ class Supervisor:
         if self.state is not S.READY or proc is None:
             msg.fut.set_exception(WorkerCrashed(f"the worker is {self.state}, not ready"))
             return
-        now = self._clock()
         op = dataclasses.replace(msg.op, heartbeat_s=self.cfg.heartbeat_s)
-        self._batches[op.batch] = _Batch(op, msg.fut, msg.audio_s, now,
-                                         now + self.batch_deadline_s(msg.audio_s))
-        self._last_beat = now
+        self._live.start(op, msg.fut, msg.audio_s, self._clock())
         self._arm_liveness()
         await proc.send(op)
 
     def _arm_liveness(self) -> None:
         """HEARTBEAT and BATCH_DEADLINE while a batch is in flight; neither when none is."""
-        if not self._batches:
+        delays = self._live.timers(self._clock())
+        if delays is None:
             self._timers.cancel(TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
             return
-        now = self._clock()
-        self._timers.arm(TimerKind.HEARTBEAT,
-                         self._last_beat + self.cfg.heartbeat_timeout_s - now)
-        self._timers.arm(TimerKind.BATCH_DEADLINE,
-                         min(b.deadline for b in self._batches.values()) - now)
+        self._timers.arm(TimerKind.HEARTBEAT, delays[0])
+        self._timers.arm(TimerKind.BATCH_DEADLINE, delays[1])
 
     def _kill_stuck(self, kind: ExitKind, what: str, why: str) -> None:
         """SIGKILL a hung or stuck worker; its exit fails the batch as a crash (retried)."""
@@ -670,7 +592,7 @@ class Supervisor:
         if proc is None:
             return
         log.warning("worker pid=%d %s: %s %s; SIGKILL%s", proc.pid, kind, what, why,
-                    ", its jobs are retried" if self._batches else "")
+                    ", its jobs are retried" if self._live.batches else "")
         proc.kill(kind, why)
         if self.state is not S.STOPPING:
             self._set_state(S.STOPPING, kind)
@@ -681,12 +603,11 @@ class Supervisor:
         if proc is None or msg.pid != proc.pid:
             return  # from a process we already gave up on
         match msg.event:
-            case protocol.Hello() if self.state is S.STARTING:
-                self._hello_s = self._clock() - self._load_started
-                self._set_state(S.LOADING, "spawned")
-                await self._send_load(proc)
             case protocol.Hello():
-                self._hello_s = self._clock() - self._load_started  # a standby: prepare is sent
+                self._book.hello(self._clock())
+                if self.state is S.STARTING:  # else a standby: its prepare is sent
+                    self._set_state(S.LOADING, "spawned")
+                    await self._send_load(proc)
             case protocol.Prepared() as ev if not self._prepared:
                 await self._on_prepared(proc, ev)
             case protocol.Loaded() as ev if self.state is S.LOADING:
@@ -698,34 +619,20 @@ class Supervisor:
             case protocol.Unloaded() if self.state is S.UNLOADING:
                 self._timers.cancel(TimerKind.HEARTBEAT)
                 self._set_state(S.UNLOADED, self._unload_reason)
-                if self._waiters:
-                    await self._begin_load(self._waiters[0].trigger)
-                else:
+                if not await self._serve_waiters():
                     self._arm_idle()
-            case protocol.Heartbeat(batch=batch) if batch in self._batches:
-                self._last_beat = self._clock()
-                self._arm_liveness()
-            case protocol.Heartbeat():
-                pass  # a beat that crossed its batch's answer
+            case protocol.Heartbeat(batch=batch):  # else it crossed its batch's answer
+                if self._live.beat(batch, self._clock()):
+                    self._arm_liveness()
             case protocol.Progress(batch=batch) as ev:  # issue 12: a segmented job's progress
-                if batch in self._batches:
+                if batch in self._live.batches:
                     self.bus.publish(JobProgress(job=ev.job, done_s=ev.done_s,
                                                  total_s=ev.total_s))
             case protocol.Result() | protocol.BatchFailed() as ev:
-                running = self._batches.pop(ev.batch, None)
-                self._last_beat = self._clock()
+                running = self._live.finish(ev, self._clock())
                 self._arm_liveness()
-                if running is None:
-                    return
-                if isinstance(ev, protocol.Result) and running.audio_s > 0 and ev.seconds > 0:
-                    self._speeds.append(running.audio_s / ev.seconds)
-                fut = running.fut
-                if fut.done():
-                    return  # its caller was cancelled
-                if isinstance(ev, protocol.Result):
-                    fut.set_result(ev)
-                else:
-                    fut.set_exception(from_code(ev.code, ev.message))
+                if running is not None:
+                    running.answer(ev)
             case ev:  # valid, but late: e.g. `loaded` after the load deadline stopped it
                 log.warning("worker pid=%d %s in state %s: ignored", proc.pid, ev.TAG,
                             self.state)
@@ -734,27 +641,23 @@ class Supervisor:
         """A standby is ready: weights in host memory, CUDA untouched (the guard checks both
         the worker's own word and, with NVML, the GPU's)."""
         self._prepared = True
-        self._weights_mb = ev.weights_mb
+        self._note_weights(ev.weights_mb)
         held = proc.held_gpu_mb(self._gpu, self.cfg.device)
-        self._standby = StandbyRecord(
-            pid=proc.pid, prepared=True, seconds=self._clock() - self._standby_started,
-            weights_mb=ev.weights_mb, host_mb=ev.host_mb, cuda_initialized=ev.cuda_initialized,
-            gpu_memory_mb=held, timings=dict(ev.timings))
+        rec = self._book.prepared(proc.pid, ev, self._clock(), held)
         if ev.cuda_initialized or held:
             log.error("standby worker pid=%d holds GPU state (cuda_initialized=%s, %s MiB): a "
                       "bug; standby must never initialise CUDA", proc.pid, ev.cuda_initialized,
                       held)
         log.info("standby worker pid=%d prepared in %.2fs: %.0f MiB of weights, %.0f MiB RSS",
-                 proc.pid, self._standby.seconds or 0.0, ev.weights_mb, ev.host_mb)
+                 proc.pid, rec.seconds or 0.0, ev.weights_mb, ev.host_mb)
         if self.state is not S.PREPARING:
             return  # a load was sent behind the prepare (loading), or we are aside (yielded)
         self._timers.cancel(TimerKind.LOAD_DEADLINE)
-        if self._policy is not None and self._policy.yielded:
+        if self._aside():
             self._set_state(S.YIELDED, "prepared")
             return
         self._set_state(S.STANDBY, "prepared")
-        if self._waiters:
-            await self._begin_load(self._waiters[0].trigger)
+        await self._serve_waiters()
 
     def _preparing(self) -> bool:
         """A standby process that has not answered `prepared` yet."""
@@ -763,24 +666,13 @@ class Supervisor:
 
     def _on_loaded(self, ev: protocol.Loaded) -> None:
         self._timers.cancel(TimerKind.LOAD_DEADLINE)
-        seconds = self._clock() - self._load_started
-        self.last_load_s = seconds
-        self.last_load = LoadRecord(
-            seconds=seconds, fresh_process=self._load_fresh, trigger=self._trigger,
-            interpreter_s=self._hello_s if self._load_fresh else 0.0, worker_s=ev.seconds,
-            timings=ev.timings, kind=self._load_kind)
+        self._book.loaded(ev, self._clock())
         if ev.weights_mb is not None:
-            self._weights_mb = ev.weights_mb
-        self.loads += 1
-        self._failures = 0
-        self._last_error = None
+            self._note_weights(ev.weights_mb)
         self.device, self.dtype = ev.device, ev.dtype
         self._set_state(S.READY, "loaded")
-        pid = self._proc.pid if self._proc else None
-        self.bus.publish(ModelLoaded(seconds=seconds, trigger=self._trigger, pid=pid,
-                                     device=self.device, fresh_process=self._load_fresh,
-                                     timings=dict(ev.timings), kind=self._load_kind))
-        self._last_used = self._clock()
+        self.bus.publish(self._book.event(self._proc.pid if self._proc else None, self.device))
+        self._idle.used(self._clock())
         self._grant_waiters()
 
     def _grant_waiters(self) -> None:
@@ -810,11 +702,7 @@ class Supervisor:
         proc.close()
         self._timers.cancel(TimerKind.STOP_DEADLINE, TimerKind.LOAD_DEADLINE, TimerKind.IDLE,
                             TimerKind.HEARTBEAT, TimerKind.BATCH_DEADLINE)
-        crash = WorkerCrashed(f"the worker {kind} ({detail})")
-        for running in self._batches.values():
-            if not running.fut.done():
-                running.fut.set_exception(crash)
-        self._batches.clear()
+        self._live.fail_all(WorkerCrashed(f"the worker {kind} ({detail})"))
         if self.state in (S.STARTING, S.LOADING) or self._preparing():
             self._load_failed("exited_during_load" if kind is ExitKind.CRASHED else kind,
                               f"the worker exited during load ({detail})")
@@ -841,13 +729,11 @@ class Supervisor:
         """The process is gone: cold, or backoff after too many load failures; then a new
         standby (or `yielded` while stepped aside without one)."""
         self._prepared = False
-        self._standby = None
+        self._book.standby = None
         self._revoked = None
         self._yield_pending = False
-        if self._failures >= self.cfg.max_load_failures and self._shutdown is None:
-            over = self._failures - self.cfg.max_load_failures
-            self._timers.arm(TimerKind.BACKOFF_END,
-                             min(self.cfg.load_backoff_s * (2**over), 3600.0))
+        if not self._book.retry and self._shutdown is None:
+            self._timers.arm(TimerKind.BACKOFF_END, self._book.backoff_s())
             self._set_state(S.BACKOFF, "load_failures")
             waiters, self._waiters = self._waiters, []
             for w in waiters:
@@ -860,7 +746,7 @@ class Supervisor:
             self._post(_Load(self._waiters[0].trigger, 0.0, None))
         elif self.cfg.standby:
             self._post(_Standby())
-        elif self._policy is not None and self._policy.yielded:
+        elif self._aside():
             self._set_state(S.YIELDED, "exited")
 
     def _fail_waiters(self, err: Exception) -> None:
@@ -870,16 +756,13 @@ class Supervisor:
                 w.fut.set_exception(err)
 
     def _load_failed(self, code: str, message: str) -> None:
-        self._failures += 1
-        self._last_error = protocol.ErrorInfo(code, message)
-        log.warning("worker load failed (%d in a row) code=%s: %s", self._failures, code, message)
-        retry = self._failures < self.cfg.max_load_failures
-        err = LoadFailed(f"the model failed to load ({code}): {message}",
-                         retry_after_s=1.0 if retry else self.cfg.load_backoff_s)
+        err = self._book.failed(code, message)
+        log.warning("worker load failed (%d in a row) code=%s: %s", self._book.failures, code,
+                    message)
         # Job leases wait for the retry (a fresh process); manual loads learn about it now.
         keep: list[_Acquire | _Load] = []
         for w in self._waiters:
-            if isinstance(w, _Acquire) and retry:
+            if isinstance(w, _Acquire) and self._book.retry:
                 keep.append(w)
             elif w.fut is not None and not w.fut.done():
                 w.fut.set_exception(err)
@@ -889,50 +772,50 @@ class Supervisor:
     async def _begin_load(self, trigger: str) -> None:
         if await self._held_back():
             return
-        self._trigger = trigger
-        self._load_started = self._clock()
-        self._timers.arm(TimerKind.LOAD_DEADLINE, self.cfg.load_timeout_s)
         proc = self._proc
-        if self.state is S.UNLOADED and proc is not None:
-            self._load_fresh, self._load_kind = False, "reload"
-            self._set_state(S.LOADING, "reload", trigger)
-            await self._send_load(proc)
-            return
-        if self.state in (S.STANDBY, S.PREPARING) and proc is not None:
+        kind: LoadKind = "spawn"
+        if proc is not None and self.state is S.UNLOADED:
+            kind = "reload"  # the process kept its CUDA context
+        elif proc is not None and self.state in (S.STANDBY, S.PREPARING):
             # Activation: the standby's weights go to the device.  While it still prepares, the
             # load waits behind the prepare in its pipe (no round trip lost).
-            self._load_fresh, self._load_kind = False, "activate"
-            self._set_state(S.LOADING, "activate", trigger)
+            kind = "activate"
+        self._book.begin(kind, trigger, self._clock())
+        self._timers.arm(TimerKind.LOAD_DEADLINE, self.cfg.load_timeout_s)
+        if proc is not None and kind != "spawn":
+            self._set_state(S.LOADING, kind, trigger)
             await self._send_load(proc)
             return
-        self._load_fresh, self._load_kind = True, "spawn"
         if await self._spawn_worker() is None:
             self._timers.cancel(TimerKind.LOAD_DEADLINE)
-            self._fail_waiters(LoadFailed(f"cannot start the worker: {self._last_error_text()}"))
+            self._fail_waiters(LoadFailed(
+                f"cannot start the worker: {self._book.last_error_text()}"))
             return
         self._set_state(S.STARTING, "job" if trigger.startswith("job") else "load", trigger)
+
+    async def _serve_waiters(self) -> bool:
+        """Begin the load the first waiting lease or load asked for; False when none waits."""
+        if not self._waiters:
+            return False
+        await self._begin_load(self._waiters[0].trigger)
+        return True
 
     async def _spawn_worker(self) -> WorkerProcess | None:
         """A fresh worker process (None, failure counted, when it cannot be started)."""
         try:
             proc = await self._spawn()
         except OSError as e:
-            self._failures += 1
-            self._last_error = protocol.ErrorInfo("spawn_failed", str(e))
+            self._book.spawn_failed(e)
             log.warning("cannot start the worker: %s", e)
             return None
-        self.spawns += 1
+        self._book.spawned()
         self._prepared = False
-        self._standby = None
         self._proc = WorkerProcess(
             proc,
             on_event=lambda wp, event: self._post(_FromWorker(wp.pid, event)),
             on_exit=lambda wp, rc: self._post(_Exited(wp.pid, rc)),
         )
         return self._proc
-
-    def _last_error_text(self) -> str:
-        return self._last_error.message if self._last_error else "unknown error"
 
     async def _on_standby(self, msg: _Standby) -> None:
         if self.state is S.COLD and not self._waiters:
@@ -943,14 +826,13 @@ class Supervisor:
         if (not self.cfg.standby or self._standby_declined or self._shutdown is not None
                 or self.state is not S.COLD):
             return
-        self._standby_started = self._load_started = self._clock()
+        self._book.begin_standby(self._clock())
         self._timers.arm(TimerKind.LOAD_DEADLINE, self.cfg.load_timeout_s)
         proc = await self._spawn_worker()
         if proc is None:
             self._timers.cancel(TimerKind.LOAD_DEADLINE)
             return  # stays cold; the next load tries a fresh process
-        aside = self._policy is not None and self._policy.yielded
-        self._set_state(S.PREPARING, "yielded" if aside else "standby", "standby")
+        self._set_state(S.PREPARING, "yielded" if self._aside() else "standby", "standby")
         m = self.model
         await proc.send(protocol.Prepare(model=m.spec, revision=m.revision,
                                          cache_dir=m.cache_dir, device=self.cfg.device,
@@ -982,43 +864,6 @@ class Supervisor:
         if await proc.stop(reason, force=force):
             self._timers.arm(TimerKind.STOP_DEADLINE, self.cfg.stop_timeout_s)
 
-    # idle ladder ---------------------------------------------------------------------------
-    def _idle_deadlines(self) -> tuple[float | None, float | None]:
-        """(unload_at, exit_at) on the monotonic clock; None = never.  Holds push both."""
-        base = self._last_used
-        floor = self._hold_until
-        u, x = self.cfg.unload_after_s, self.cfg.exit_after_s
-        unload_at = max(base + u, floor) if u >= 0 else None
-        exit_at = max(base + x, floor) if x >= 0 else None
-        if unload_at is not None and exit_at is not None and exit_at <= unload_at:
-            unload_at = None  # exiting frees everything; unloading first gains nothing
-        return unload_at, exit_at
-
-    def _arm_idle(self) -> None:
-        if self._inflight > 0 or self.state not in (S.READY, S.UNLOADED):
-            self._timers.cancel(TimerKind.IDLE)
-            return
-        unload_at, exit_at = self._idle_deadlines()
-        if self.state is S.UNLOADED:
-            unload_at = None
-        nxt = min((t for t in (unload_at, exit_at) if t is not None), default=None)
-        if nxt is None:
-            self._timers.cancel(TimerKind.IDLE)
-            return
-        self._timers.arm(TimerKind.IDLE, nxt - self._clock())
-
-    async def _idle_expired(self) -> None:
-        if self._inflight > 0 or self.state not in (S.READY, S.UNLOADED):
-            return
-        unload_at, exit_at = self._idle_deadlines()
-        now = self._clock() + 1e-3
-        if exit_at is not None and now >= exit_at:
-            await self._stop(force=False, reason="idle_exit", trigger="idle")
-        elif unload_at is not None and now >= unload_at and self.state is S.READY:
-            await self._send_unload("idle")
-        else:
-            self._arm_idle()  # a hold or new use moved the deadline
-
     async def _on_shutdown(self, msg: _Shutdown) -> None:
         self._shutdown = msg
         self._fail_waiters(WorkerUnavailable("the daemon is shutting down"))
@@ -1031,38 +876,59 @@ class Supervisor:
         elif self.state is S.YIELDED:
             self._set_state(S.COLD, "shutdown", "shutdown")
 
+    # idle ladder ---------------------------------------------------------------------------
+    def _arm_idle(self) -> None:
+        """IDLE at the next rung while no lease is held and the worker is loaded or unloaded."""
+        nxt = None
+        if self._inflight == 0 and self.state in (S.READY, S.UNLOADED):
+            nxt = self._idle.next_step_at(loaded=self.state is S.READY)
+        if nxt is None:
+            self._timers.cancel(TimerKind.IDLE)
+        else:
+            self._timers.arm(TimerKind.IDLE, nxt - self._clock())
+
+    async def _idle_expired(self) -> None:
+        if self._inflight > 0 or self.state not in (S.READY, S.UNLOADED):
+            return
+        match self._idle.due(self._clock(), loaded=self.state is S.READY):
+            case "exit":
+                await self._stop(force=False, reason="idle_exit", trigger="idle")
+            case "unload":
+                await self._send_unload("idle")
+            case None:
+                self._arm_idle()  # a hold or new use moved the deadline
+
     # stepping aside ----------------------------------------------------------------------------
-    def _need_mb(self) -> float:
-        """The model's need on the GPU: its weights (as the worker reported them; 0 before any
-        prepare or load) + worker.yield_need_margin_mb."""
-        return (self._weights_mb or 0.0) + self.cfg.yield_need_margin_mb
+    def _aside(self) -> bool:
+        """Stepped aside for other GPU work (loads wait)."""
+        return self._watch is not None and self._watch.yielded
+
+    def _note_weights(self, mb: float) -> None:
+        """The model's weights as the worker reported them: the base of its need on the GPU."""
+        if self._watch is not None:
+            self._watch.weights_mb = mb
 
     def _read_gpu(self) -> GpuReading | None:
-        assert self._gpu is not None
-        pids = [self._proc.pid] if self._proc is not None else []
-        sample = self._gpu.sample(pids, self._gpu_index)
-        return GpuReading.from_sample(sample, self._clock(), pids)
+        assert self._watch is not None
+        return self._watch.read([self._proc.pid] if self._proc is not None else [])
 
     def _arm_gpu_poll(self) -> None:
         """GPU_POLL runs while our worker may hold the GPU and while we are aside; never in
         cold or standby (a load asks the policy itself), so an idle daemon does not poll."""
-        pol = self._policy
-        wanted = pol is not None and self._shutdown is None and (
-            pol.yielded or self.state in HOLDING)
+        wanted = self._watch is not None and self._shutdown is None and (
+            self._watch.yielded or self.state in HOLDING)
         if not wanted:
             self._timers.cancel(TimerKind.GPU_POLL)
         elif self._timers.left(TimerKind.GPU_POLL) is None:
             self._timers.arm(TimerKind.GPU_POLL, self.cfg.yield_poll_s)
 
     async def _gpu_poll(self) -> None:
-        pol = self._policy
-        if pol is None:
+        if self._watch is None:
             return
         reading = self._read_gpu()
         if reading is not None:
-            was_yielded = pol.yielded
-            verdict = pol.watch(reading, holding=self.state in HOLDING and not was_yielded,
-                                need_mb=self._need_mb())
+            verdict = self._watch.watch(reading, holding=self.state in HOLDING
+                                        and not self._watch.yielded)
             if verdict is Verdict.YIELD:
                 await self._step_aside(reading, "other_processes")
             elif verdict is Verdict.RESUME:
@@ -1072,33 +938,27 @@ class Supervisor:
     async def _held_back(self) -> bool:
         """Whether a load must wait because we are aside, or because the model's need does not
         fit in the free GPU memory now (then we step aside: the jobs wait, none dies of OOM)."""
-        pol = self._policy
-        if pol is None:
+        watch = self._watch
+        if watch is None:
             return False
-        if not pol.yielded:
+        if not watch.yielded:
             reading = self._read_gpu()
-            if reading is None or pol.admit(reading, self._need_mb()):
+            if reading is None or watch.admit(reading):
                 return False
             await self._step_aside(reading, "insufficient_memory")
         if self.state is S.COLD and self.cfg.standby and not self._standby_declined:
             await self._begin_standby()  # ready for when the GPU comes back; it holds none
         elif self.state in (S.COLD, S.STANDBY):
-            self._set_state(S.YIELDED, pol.reason)
+            self._set_state(S.YIELDED, watch.reason)
         return True
 
     async def _step_aside(self, reading: GpuReading, reason: str) -> None:
         """Other work needs the GPU: leases end after the running batch, the worker exits (the
         only way to give its CUDA context back), loads wait in `yielded`."""
-        pol = self._policy
-        assert pol is not None
-        pol.step_aside(reading, reason)
-        others = ", ".join(f"pid {p.pid} {p.to_json()['memory_mb']} MiB" for p in reading.others)
-        log.warning("worker steps aside reason=%s free=%.0f MiB need=%.0f MiB others=%.0f MiB "
-                    "(%s); loads wait until %.0f MiB are free for %gs", reason,
-                    reading.free_mb, pol.need_mb, reading.others_mb, others or "not listed",
-                    pol.resume_at_free_mb(), pol.settle_s)
-        self.bus.publish(SteppedAside(reason=reason, free_mb=reading.free_mb,
-                                      need_mb=pol.need_mb, others_mb=reading.others_mb))
+        assert self._watch is not None
+        line, event = self._watch.step_aside(reading, reason)
+        log.warning("worker steps aside %s", line)
+        self.bus.publish(event)
         self._timers.cancel(TimerKind.IDLE)
         if self.state is S.READY and self._inflight > 0:
             self._revoked = "yield"  # the dispatcher starts no new batch; the last one ends
@@ -1113,13 +973,12 @@ class Supervisor:
             await self._stop(force=self.state in (S.STARTING, S.LOADING), reason="yield",
                              trigger="gpu")
         elif self.state is S.STANDBY:
-            self._set_state(S.YIELDED, self._policy.reason if self._policy else "yield")
+            self._set_state(S.YIELDED, self._watch.reason if self._watch else "yield")
         self._arm_gpu_poll()
 
     async def _come_back(self) -> None:
-        pol = self._policy
-        assert pol is not None
-        log.info("worker comes back: GPU memory free again for %gs", pol.settle_s)
+        assert self._watch is not None
+        log.info("worker comes back: GPU memory free again for %gs", self._watch.policy.settle_s)
         if self._yield_pending:  # the batch has not even finished: stay, as if nothing happened
             self._yield_pending = False
             self._revoked = None
@@ -1130,7 +989,5 @@ class Supervisor:
                 self._set_state(S.COLD, "gpu_free")
             else:
                 self._set_state(S.STANDBY if self._prepared else S.PREPARING, "gpu_free")
-        if self._waiters and self.state in LOADABLE:
-            await self._begin_load(self._waiters[0].trigger)
-        elif self.state is S.COLD:
-            await self._begin_standby()
+        if self.state in LOADABLE and not await self._serve_waiters():
+            await self._begin_standby()  # none waits: a standby, if cold (it checks)

@@ -9,12 +9,13 @@ worker (send the supervisor a request and await it).  `to_json()` is the `worker
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ondemand.protocol import ErrorInfo
+from ondemand.protocol import ErrorInfo, Prepared
 
 WarmBecause = Literal["in_flight", "hold", "idle_timeout"]
 
@@ -65,6 +66,24 @@ class StandbyRecord:
     cuda_initialized: bool | None  # torch.cuda.is_initialized() in the worker: must be false
     gpu_memory_mb: float | None  # NVML, this PID: must be 0; None without NVML
     timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def preparing(cls, pid: int) -> StandbyRecord:
+        """A standby that has not answered `prepared` yet."""
+        return cls(pid=pid, prepared=False, seconds=None, weights_mb=None, host_mb=None,
+                   cuda_initialized=None, gpu_memory_mb=None)
+
+    @classmethod
+    def prepared_by(cls, pid: int, ev: Prepared, *, seconds: float,
+                    gpu_memory_mb: float | None) -> StandbyRecord:
+        """What the standby's `prepared` said, `seconds` after its spawn."""
+        return cls(pid=pid, prepared=True, seconds=seconds, weights_mb=ev.weights_mb,
+                   host_mb=ev.host_mb, cuda_initialized=ev.cuda_initialized,
+                   gpu_memory_mb=gpu_memory_mb, timings=dict(ev.timings))
+
+    def now(self, *, host_mb: float | None, gpu_memory_mb: float | None) -> StandbyRecord:
+        """The record with the process's memory as measured now (for `/v1/status`)."""
+        return dataclasses.replace(self, host_mb=host_mb, gpu_memory_mb=gpu_memory_mb)
 
     def to_json(self) -> dict[str, Any]:
         return {"pid": self.pid, "prepared": self.prepared,
