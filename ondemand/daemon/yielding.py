@@ -1,10 +1,11 @@
 """Stepping aside for other GPU work (`worker.yield_gpu`, docs/ladder.md): a pure policy.
 
 The supervisor reads the GPU every `worker.yield_poll_s` while it holds the GPU or waits to get it
-back, turns each `gpu.GpuSample` into a `GpuReading` and asks `YieldPolicy.watch` what to do; it
-asks `admit` before every load.  The policy owns no timer, no I/O and no clock: every time comes
-in a reading, so a scripted fake probe drives it exactly (tests/test_yield.py).  Only the
-supervisor acts on a verdict (finish the batch, exit, go to standby; refuse loads meanwhile).
+back; `gpu_watch.GpuWatch` turns each `gpu.GpuSample` into a `GpuReading` and asks
+`YieldPolicy.watch` what to do; it asks `admit` before every load.  The policy owns no timer, no
+I/O and no clock: every time comes in a reading, so a scripted fake probe drives it exactly
+(tests/test_yield.py).  Only the supervisor acts on a verdict (finish the batch, exit, go to
+standby; refuse loads meanwhile).
 
 Rules, in MiB of GPU memory (`need` = the model's weights on the device + yield_need_margin_mb):
 
