@@ -10,7 +10,9 @@ took down a bench's cluster mid-run, and the other way round).
 
 Small on purpose: 2 CPUs, no GPU, no dashboard, a 200 MB object store, the node's address on
 loopback (`--node-ip-address=127.0.0.1`; Ray's own gRPC servers still listen on every interface:
-its default, which `ray start` cannot change).
+its default, which `ray start` cannot change).  Every port with a fixed default (the GCS's 6379,
+the client server's 10001, the dashboard agent's 52365, the metrics' 44217 and 44227) is a free
+one instead, so two such clusters on one machine (a suite and a bench) both start.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class RayHead:
         self.port = free_port()
         self.serve_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+                    # metrics ports with fixed defaults (44217, 44227): free ones, as below
+                    "AUTOSCALER_METRIC_PORT": str(free_port()),
+                    "DASHBOARD_METRIC_PORT": str(free_port())}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="ray-head-", suffix=".log")[1])
 
@@ -59,6 +64,10 @@ class RayHead:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [str(RAY), "start", "--head", "--block", f"--port={self.port}",
+                 # free ports for what listens on a fixed default (10001, 52365), so two
+                 # clusters on one machine (suites, benches) do not collide
+                 f"--ray-client-server-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}",
                  "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                  "--include-dashboard=false", "--disable-usage-stats",
                  f"--object-store-memory={self.object_store_mb * 1_000_000}"],
