@@ -61,8 +61,8 @@ from tests.conftest import (
     wait_for,
     wav_bytes,
 )
+from tests.contract import Contract
 from tests.ray_head import ROOT, RayHead
-from tests.test_openapi import Contract
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
