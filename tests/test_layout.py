@@ -340,3 +340,18 @@ def test_local_mode_never_loads_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ondemand.cluster.dispatch" in names and "ondemand.cluster.agent" in names
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test helpers live in conftest.py or a helper module (tests/contract.py, ...), never
+    in a test module another test imports (issue 9)."""
+    tests = Path(__file__).resolve().parent
+    bad = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests.test_"):
+                bad.append(f"tests/{path.name}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Import):
+                bad += [f"tests/{path.name}:{node.lineno} imports {a.name}" for a in node.names
+                        if a.name.startswith("tests.test_")]
+    assert bad == [], "\n".join(bad)
