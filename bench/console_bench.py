@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -33,9 +31,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import harness  # bench/harness.py  # noqa: E402
+
 from tests.console_browser import CHROMIUM_ARGS, find_chromium  # noqa: E402
 
-SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 WAIT_MARK = """() => new Promise((resolve) => {
   const look = () => {
     const m = performance.getEntriesByName("console-interactive")[0];
@@ -56,17 +55,7 @@ def start_serve(storage: Path) -> tuple[subprocess.Popen[str], str]:
         "[worker]\nunload_after_s = -1.0\nexit_after_s = -1.0\nstandby = false\n"
         f'command = "{sys.executable} {ROOT / "tests" / "fake_worker.py"}"\n')
     env = {**os.environ, "FAKE_LOAD_S": "0.2", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stderr is not None
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("ondemand serve did not start")
-        m = SERVING.search(line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
+    return harness.start_serve(config, env)
 
 
 def post(url: str, body: dict[str, Any]) -> dict[str, Any]:

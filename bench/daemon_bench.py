@@ -18,13 +18,11 @@ import asyncio
 import io
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,11 +31,11 @@ import aiohttp
 import numpy as np
 import psutil
 import soundfile as sf
+from harness import start_serve  # bench/harness.py
 
 from ondemand.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 ENGINE_CHILD = r"""
 import sys, time
 t0 = float(sys.argv[3])
@@ -58,20 +56,6 @@ def wav(seconds: float, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, x.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
     return buf.getvalue()
-
-
-def start_serve(config: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stderr is not None
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("ondemand serve did not start")
-        m = SERVING.search(line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

@@ -25,7 +25,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,9 @@ import aiohttp
 import numpy as np
 import psutil
 import soundfile as sf
+from harness import start_serve  # bench/harness.py
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 MB = 1 << 20
 
 
@@ -95,21 +94,7 @@ def start_daemon(src: Path, tmp: Path, server: dict[str, Any]) -> tuple[subproce
     cfg.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": str(src), "PYTHONUNBUFFERED": "1"}
     env = {k: v for k, v in env.items() if not k.startswith("FAKE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(cfg)],
-                            cwd=tmp, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        m = SERVING.search(line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
-    proc.kill()
-    raise SystemExit("ondemand serve did not start")
+    return start_serve(cfg, env, cwd=tmp)
 
 
 class RssSampler:

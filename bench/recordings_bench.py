@@ -23,18 +23,17 @@ import argparse
 import http.client
 import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import harness  # bench/harness.py
 import numpy as np
 import soundfile as sf
 import soxr
@@ -44,7 +43,6 @@ from ondemand.audio import Limits, decode_to
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA = ROOT / "tests" / "fixtures" / "media"
 OUT = ROOT / "bench" / "out" / "recordings"
-SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 CD_RATE = 44100
 
 
@@ -146,18 +144,7 @@ def bench_formats(minutes: float = 2.0, runs: int = 3) -> dict[str, Any]:
 
 # -- end to end ---------------------------------------------------------------------------------
 def start_serve(config: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(config)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    assert proc.stderr is not None
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("ondemand serve did not start")
-        m = SERVING.search(line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
+    return harness.start_serve(config, {**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def hwm_mb(pid: int) -> float:

@@ -17,13 +17,11 @@ import asyncio
 import hashlib
 import io
 import json
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +30,9 @@ import aiohttp
 import numpy as np
 import soundfile as sf
 from aiohttp import web
+from harness import start_serve  # bench/harness.py
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 TOKEN = "bench-token-0123456789abcdefghij"
 
 
@@ -62,17 +60,7 @@ def config(tmp: Path, *, tokens: bool, port: int) -> Path:
 
 
 def start(cfg: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "ondemand", "serve", "--config", str(cfg)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert proc.stderr is not None
-    while True:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("ondemand serve did not start")
-        m = SERVING.search(line)
-        if m:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, m.group(1)
+    return start_serve(cfg)
 
 
 def pct(xs: list[float], q: float) -> float:
